@@ -1,0 +1,349 @@
+"""``fit`` end to end: load → split → fine-tune candidates → select → fold → save → report.
+
+Nothing is written until every step has succeeded, and every file is written atomically,
+so an interrupted or failed run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import LoadedModel, load_model, require_eager, save_model
+from .data import LabelledData, load_labelled
+from .errors import UserError
+from .files import atomic_write_text, ensure_not_input, sha256_file
+from .fit_report import candidate_rows, metric_changes, render_markdown, verdict
+from .finetune import TARGET_METRIC, EpochResult, Setting, Tensors, evaluate, finetune, predict
+from .hooks import attach, candidate_layers
+from .select import Selector
+from .split import stratified_split
+
+log = logging.getLogger(__name__)
+
+#: Defaults chosen with benchmarks/efficacy.py (see the README's efficacy table).
+DEFAULT_ALPHAS = (0.5,)
+DEFAULT_LRS = (1e-3,)
+DEFAULT_EPOCHS = 5
+
+
+@dataclass
+class FitConfig:
+    """Every option of ``gmn-debias fit``; the resolved copy is saved beside the outputs."""
+
+    model: Path
+    data: Path
+    protected: list[str]
+    label: str | None = None
+    positive: str | None = None
+    eval: Path | None = None
+    val: Path | None = None
+    out: Path | None = None
+    target: str = "dp"
+    max_ap_drop: float = 0.01
+    seed: int = 0
+    device: str = "auto"
+    layers: list[str] = field(default_factory=lambda: ["auto"])
+    alpha: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
+    lr: list[float] = field(default_factory=lambda: list(DEFAULT_LRS))
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = 256
+    val_fraction: float = 0.3
+    gap_penalty: float = 0.0
+    threshold: float = 0.5
+    force: bool = False
+    train_batchnorm: bool = False
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_checkpoint: bool = False
+    schema: Path | None = None
+    missing_groups: str = "error"
+    normalize_labels: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able values (paths as text)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class FitOutcome:
+    """What ``fit`` produced: the report object and where the files went."""
+
+    report: dict[str, Any]
+    out_dir: Path
+    checkpoint: Path
+    files: list[Path]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available; an explicit CUDA request without CUDA is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def default_layers(model: torch.nn.Module, sample: torch.Tensor) -> list[str]:
+    """Every foldable hidden layer: the foldable candidates minus the output layer."""
+    foldable = [info.name for info in candidate_layers(model, sample) if info.foldable]
+    if len(foldable) < 2:
+        raise UserError(
+            "cannot choose layers automatically: the model has no foldable hidden layer; "
+            "name them with --layers (see `gmn-debias layers MODEL`)"
+        )
+    return foldable[:-1]
+
+
+def to_tensors(data: LabelledData, group_names: list[str]) -> Tensors:
+    """Attach integer group ids (indices into the sorted list of all group labels)."""
+    index = {name: i for i, name in enumerate(group_names)}
+    ids = torch.tensor([index[g] for g in data.groups], dtype=torch.long)
+    return Tensors(data.x, data.y.long(), ids, np.asarray(data.groups), data.weights)
+
+
+def subset(data: Tensors, idx: np.ndarray) -> Tensors:
+    """Rows ``idx`` of ``data``."""
+    t = torch.as_tensor(idx, dtype=torch.long)
+    w = None if data.weights is None else data.weights[t]
+    return Tensors(data.x[t], data.y[t], data.group_ids[t], data.groups[idx], w)
+
+
+def settings_grid(cfg: FitConfig, layers: list[str]) -> list[Setting]:
+    """The candidate recipes: every alpha x learning rate, mixing for the chosen target."""
+    mix = "dp" if cfg.target == "dp" else "eo"
+    return [
+        Setting(tuple(layers), alpha=a, lr=lr, epochs=cfg.epochs, mix_target=mix, gap_penalty=cfg.gap_penalty)
+        for a in cfg.alpha
+        for lr in cfg.lr
+    ]
+
+
+def _load_inputs(cfg: FitConfig) -> tuple[LoadedModel, LabelledData, LabelledData | None, LabelledData | None]:
+    loaded = load_model(
+        cfg.model, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, trust_checkpoint=cfg.trust_checkpoint
+    )
+    require_eager(loaded)
+    common = dict(
+        schema=cfg.schema if cfg.schema is not None else loaded.schema,
+        model=loaded.model,
+        label=cfg.label,
+        positive=cfg.positive,
+        protected=cfg.protected,
+        missing_groups=cfg.missing_groups,
+        normalize_labels=cfg.normalize_labels,
+    )
+    data = load_labelled(cfg.data, **common)
+    val = load_labelled(cfg.val, **common) if cfg.val is not None else None
+    held = load_labelled(cfg.eval, **common) if cfg.eval is not None else None
+    return loaded, data, val, held
+
+
+def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | None = None) -> FitOutcome:
+    """Run ``fit``; raise :class:`UserError` for bad input, write outputs only at the end."""
+    started = time.perf_counter()
+    if cfg.target not in TARGET_METRIC:
+        raise UserError(f"--target must be one of {', '.join(TARGET_METRIC)}, got {cfg.target!r}")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {cfg.epochs}")
+    device = resolve_device(cfg.device)
+    out_dir = cfg.out if cfg.out is not None else cfg.model.parent / f"{cfg.model.stem}-debiased"
+    checkpoint_path = out_dir / f"{cfg.model.stem}.debiased.safetensors"
+    inputs = [cfg.model, cfg.data, cfg.eval, cfg.val, cfg.schema]
+    ensure_not_input(checkpoint_path, inputs)
+
+    loaded, data, val_data, held_data = _load_inputs(cfg)
+    parts = [d for d in (data, val_data, held_data) if d is not None]
+    group_names = sorted({str(g) for d in parts for g in d.groups})
+    if len(set(map(str, data.groups))) < 2:
+        raise UserError(
+            f"{cfg.data}: the protected column(s) {', '.join(cfg.protected)} hold a single group "
+            f"({group_names[0]!r}); GroupMixNorm needs at least two groups to mix"
+        )
+    full = to_tensors(data, group_names)
+    if val_data is None:
+        strata = np.char.add(np.char.add(full.groups.astype(str), "|"), full.y.numpy().astype(str))
+        train_idx, val_idx = stratified_split(strata, cfg.val_fraction, cfg.seed)
+        train, val = subset(full, train_idx), subset(full, val_idx)
+    else:
+        train, val = full, to_tensors(val_data, group_names)
+    held = to_tensors(held_data, group_names) if held_data is not None else val
+
+    base = loaded.model.float().eval()
+    positive_index = None
+    layers = default_layers(base, train.x[:2]) if cfg.layers in ([], ["auto"]) else list(cfg.layers)
+    settings = settings_grid(cfg, layers)
+    target_key = TARGET_METRIC[cfg.target]
+    baseline_val = evaluate(base, val, positive_index, cfg.threshold)
+    selector = Selector(target_key, baseline_val, cfg.max_ap_drop, force=cfg.force)
+    best: tuple[int, EpochResult] | None = None
+    candidates: list[dict[str, Any]] = []
+    for i, setting in enumerate(settings):
+        def keep(result: EpochResult) -> bool:
+            return selector.offer(result.metrics)
+
+        def report_epoch(result: EpochResult, setting: Setting = setting) -> None:
+            if on_epoch is not None:
+                on_epoch(setting, result)
+
+        results = finetune(
+            base, setting, i, train, val, seed=cfg.seed, device=device, batch_size=cfg.batch_size,
+            train_batchnorm=cfg.train_batchnorm, positive_index=positive_index,
+            threshold=cfg.threshold, on_epoch=report_epoch, keep=keep,
+        )
+        for result in results:
+            if result.state is not None:
+                best = (i, result)
+            candidates.append(result.summary())
+
+    final, fold_check = _final_model(base, settings, best, val.x, positive_index)
+    before = evaluate(base, held, positive_index, cfg.threshold)
+    after = evaluate(final, held, positive_index, cfg.threshold)
+    provenance = {
+        "tool": "gmn-debias",
+        "version": __version__,
+        "source_checkpoint": str(cfg.model),
+        "source_sha256": loaded.sha256,
+        "data_sha256": sha256_file(cfg.data),
+        "seed": cfg.seed,
+    }
+    gmn_settings = None if best is None else {**asdict(settings[best[0]]), "epoch": best[1].epoch}
+    report = build_report(
+        cfg=cfg, selector=selector, settings=settings, best=best, candidates=candidates,
+        baseline_val=baseline_val, before=before, after=after, held_source="eval" if cfg.eval else "validation",
+        held_rows=len(held), provenance=provenance, gmn_settings=gmn_settings, fold_check=fold_check,
+        device=device, checkpoint=checkpoint_path, wall_s=time.perf_counter() - started,
+    )
+    files = write_outputs(cfg, loaded, final, out_dir, checkpoint_path, report, provenance, gmn_settings, val.x[:64])
+    return FitOutcome(report, out_dir, checkpoint_path, files)
+
+
+def _final_model(
+    base: torch.nn.Module,
+    settings: list[Setting],
+    best: tuple[int, EpochResult] | None,
+    check_x: torch.Tensor,
+    positive_index: int | None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the chosen candidate, fold GroupMixNorm into it, and prove the fold is exact.
+
+    The folded model must reproduce the hooked eval-mode scores (float32, on CPU) with no
+    prediction flipped; otherwise this is a bug, not a user error.
+    """
+    if best is None:
+        return copy.deepcopy(base), {"folded": False}
+    index, result = best
+    assert result.state is not None
+    model = copy.deepcopy(base).cpu()
+    model.load_state_dict(result.state["model"])
+    setting = settings[index]
+    handle = attach(model, list(setting.layers), alpha=setting.alpha, p=setting.p,
+                    inference=setting.inference, target=setting.mix_target)
+    handle.layers.load_state_dict(result.state["gmn"])
+    model.eval()
+    handle.layers.eval()
+    hooked = predict(model, check_x.cpu(), positive_index)
+    handle.fold()
+    folded = predict(model, check_x.cpu(), positive_index)
+    max_diff = float(np.max(np.abs(hooked - folded))) if len(hooked) else 0.0
+    flips = int(np.sum((hooked >= 0.5) != (folded >= 0.5)))
+    if max_diff > 1e-5 or flips:
+        raise RuntimeError(f"folding changed the model's scores (max diff {max_diff:.3g}, {flips} flips)")
+    return model, {"folded": True, "rows_checked": int(len(hooked)), "max_abs_score_diff": max_diff,
+                   "prediction_flips": flips}
+
+
+def build_report(
+    *, cfg: FitConfig, selector: Selector, settings: list[Setting], best: tuple[int, EpochResult] | None,
+    candidates: list[dict[str, Any]], baseline_val: dict[str, Any], before: dict[str, Any],
+    after: dict[str, Any], held_source: str, held_rows: int, provenance: dict[str, Any],
+    gmn_settings: dict[str, Any] | None, fold_check: dict[str, Any], device: torch.device,
+    checkpoint: Path, wall_s: float,
+) -> dict[str, Any]:
+    """Assemble ``report.json``: before/after in the audit layout plus how the choice was made."""
+    target_key = TARGET_METRIC[cfg.target]
+    picked = None if best is None else (best[0], best[1].epoch)
+    b, a = before["metrics"].get(target_key), after["metrics"].get(target_key)
+    report: dict[str, Any] = {
+        "tool": "gmn-debias",
+        "version": __version__,
+        "command": "fit",
+        "checkpoint": str(checkpoint),
+        "evaluated_on": {
+            "source": held_source,
+            "path": str(cfg.eval) if held_source == "eval" else str(cfg.data),
+            "rows": held_rows,
+        },
+        "target": {"name": cfg.target, "metric": target_key, "max_ap_drop": cfg.max_ap_drop},
+        "selection": {
+            "status": selector.status,
+            "setting": None if best is None else asdict(settings[best[0]]),
+            "setting_text": None if best is None else settings[best[0]].describe(),
+            "epoch": None if best is None else best[1].epoch,
+        },
+        "before": before,
+        "after": after,
+        "change": metric_changes(before, after),
+        "halved": b is not None and a is not None and a <= b / 2,
+        "validation": {
+            "baseline": baseline_val["metrics"],
+            "candidates": candidate_rows(candidates, picked),
+        },
+        "settings": [s.describe() for s in settings],
+        "gmn": gmn_settings,
+        "fold_check": fold_check,
+        "config": cfg.to_dict(),
+        "provenance": {
+            **provenance,
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "wall_time_s": round(wall_s, 2),
+        },
+    }
+    report["verdict"] = verdict(report)
+    return report
+
+
+def write_outputs(
+    cfg: FitConfig, loaded: LoadedModel, model: torch.nn.Module, out_dir: Path, checkpoint: Path,
+    report: dict[str, Any], provenance: dict[str, Any], gmn_settings: dict[str, Any] | None,
+    check_x: torch.Tensor,
+) -> list[Path]:
+    """Write checkpoint(s), report.json, report.md and config.yaml, each atomically."""
+    import json
+
+    import yaml
+
+    inputs = [cfg.model, cfg.data, cfg.eval, cfg.val, cfg.schema]
+    targets = [checkpoint, out_dir / "report.json", out_dir / "report.md", out_dir / "config.yaml"]
+    pt_path = checkpoint.with_suffix(".pt") if loaded.format in ("pt", "pickle") else None
+    for path in targets + ([pt_path] if pt_path else []):
+        ensure_not_input(path, inputs)
+    schema = loaded.schema if cfg.schema is None else None
+    written = save_model(
+        model.cpu(), checkpoint, arch=loaded.arch, schema=schema, provenance=provenance,
+        gmn=gmn_settings, inputs=inputs, check_input=check_x.cpu(), also_pt=pt_path is not None,
+    )
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return list(written) + targets[1:]
