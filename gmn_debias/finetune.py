@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import UserError
 from .hooks import GMNHandle, attach
 from .metrics import audit_arrays
-from .predict import positive_scores
+from .predict import predict_scores
 
 TARGET_METRIC = {
     "dp": "demographic_parity_difference",
@@ -114,37 +115,42 @@ def binary_logit(outputs: torch.Tensor, positive_index: int | None) -> torch.Ten
     if outputs.shape[-1] == 2:
         pos = 1 if positive_index is None else positive_index
         return outputs[:, pos] - outputs[:, 1 - pos]
-    raise ValueError(f"fit needs a binary classifier (1 or 2 outputs), the model has {outputs.shape[-1]}")
+    raise UserError(f"fit needs a binary classifier (1 or 2 outputs); the model has {outputs.shape[-1]}")
 
 
-def soft_gap_penalty(logit: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """GapReg term: spread of the groups' mean scores in the batch (max - min), differentiable."""
+def soft_gap_penalty(logit: torch.Tensor, group_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """GapReg term: unbiased estimate of the squared gap between groups' mean scores.
+
+    For each pair of groups in the batch, ``(m_a − m_b)² − s²_a/n_a − s²_b/n_b`` estimates
+    ``(E[score|a] − E[score|b])²`` without the sampling-noise term, so the penalty has no
+    pull when the groups do not differ (a plain batch gap would also shrink every score
+    toward the mean, which the random-group control exposes). Averaged over pairs, and
+    with ``labels`` over labels too (the equalized-odds form). Zero without two groups of
+    at least two rows.
+    """
     probs = torch.sigmoid(logit.float())
     k = int(group_ids.max()) + 1
-    sums = torch.zeros(k, device=probs.device).index_add_(0, group_ids, probs)
-    counts = torch.zeros(k, device=probs.device).index_add_(0, group_ids, torch.ones_like(probs))
-    present = counts > 0
-    if int(present.sum()) < 2:
-        return probs.new_zeros(())
-    means = sums[present] / counts[present]
-    return means.max() - means.min()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, positive_index: int | None, batch_size: int = 8192) -> np.ndarray:
-    """Positive-class probabilities (float64 numpy) in eval mode, batch by batch."""
-    parts = []
-    for start in range(0, x.shape[0], batch_size):
-        out = model(x[start : start + batch_size]).float()
-        parts.append(positive_scores(out, positive_index=positive_index).double().cpu())
-    return torch.cat(parts).numpy() if parts else np.empty(0)
+    label = torch.zeros_like(group_ids) if labels is None else labels.long()
+    cell = label * k + group_ids
+    size = (int(label.max()) + 1) * k
+    ones = torch.ones_like(probs)
+    n = probs.new_zeros(size).index_add_(0, cell, ones).view(-1, k)
+    s1 = probs.new_zeros(size).index_add_(0, cell, probs).view(-1, k)
+    s2 = probs.new_zeros(size).index_add_(0, cell, probs * probs).view(-1, k)
+    ok = n >= 2
+    safe = n.clamp_min(2)
+    mean = s1 / safe
+    noise = ((s2 - s1 * mean) / (safe - 1)).clamp_min(0) / safe  # s²/n per cell
+    diff = (mean.unsqueeze(2) - mean.unsqueeze(1)) ** 2 - noise.unsqueeze(2) - noise.unsqueeze(1)
+    pair = ok.unsqueeze(2) & ok.unsqueeze(1) & torch.ones(k, k, dtype=torch.bool, device=probs.device).triu(1)
+    return diff[pair].mean() if bool(pair.any()) else probs.new_zeros(())
 
 
 def evaluate(
     model: nn.Module, data: Tensors, positive_index: int | None, threshold: float = 0.5
 ) -> dict[str, Any]:
     """Audit object (the ``audit --json`` layout) for ``model`` on ``data``."""
-    scores = predict(model, data.x, positive_index)
+    scores = predict_scores(model, data.x, positive_index=positive_index, device=data.x.device)
     weights = None if data.weights is None else data.weights.cpu().numpy()
     return audit_arrays(
         data.y.cpu().numpy(), scores, data.groups, threshold=threshold, sample_weight=weights
@@ -160,12 +166,39 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
             yield idx
 
 
-def snapshot(model: nn.Module, handle: GMNHandle) -> dict[str, Any]:
+def snapshot(model: nn.Module, handle: GMNHandle | None) -> dict[str, Any]:
     """Copy of the weights that define a candidate (model + GroupMixNorm buffers)."""
     return {
         "model": copy.deepcopy(model.state_dict()),
-        "gmn": copy.deepcopy(handle.layers.state_dict()),
+        "gmn": copy.deepcopy(handle.layers.state_dict()) if handle is not None else {},
     }
+
+
+@contextlib.contextmanager
+def deployed(handle: GMNHandle | None) -> Iterator[None]:
+    """Run the hooked layers as they will ship (eval map) while the rest keeps training."""
+    modules = [] if handle is None else [m for m in handle._modules if m.training]
+    for module in modules:
+        module.train(False)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.train(True)
+
+
+def attach_setting(model: nn.Module, setting: Setting) -> GMNHandle | None:
+    """Hook GroupMixNorm as ``setting`` says; no layers means plain fine-tuning (the control)."""
+    if not setting.layers:
+        return None
+    return attach(
+        model,
+        list(setting.layers),
+        alpha=setting.alpha,
+        p=setting.p,
+        inference=setting.inference,
+        target=setting.mix_target,
+    )
 
 
 def finetune(
@@ -192,17 +225,12 @@ def finetune(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(base_model).to(device)
-    handle = attach(
-        model,
-        list(setting.layers),
-        alpha=setting.alpha,
-        p=setting.p,
-        inference=setting.inference,
-        target=setting.mix_target,
-    )
-    handle.layers.to(device)
+    handle = attach_setting(model, setting)
+    if handle is not None:
+        handle.layers.to(device)
     train_d, val_d = train.to(device), val.to(device)
-    params = [p for p in list(model.parameters()) + list(handle.layers.parameters()) if p.requires_grad]
+    extra = list(handle.layers.parameters()) if handle is not None else []
+    params = [p for p in list(model.parameters()) + extra if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=setting.lr) if setting.lr > 0 else None
     results: list[EpochResult] = []
     try:
@@ -213,12 +241,18 @@ def finetune(
                 xb, yb, gb = train_d.x[idx], train_d.y[idx], train_d.group_ids[idx]
                 labels = yb if setting.mix_target == "eo" else None
                 with torch.set_grad_enabled(optimizer is not None), autocast_context(device):
-                    with handle.batch(gb, labels=labels):
+                    with handle.batch(gb, labels=labels) if handle is not None else contextlib.nullcontext():
                         logit = binary_logit(model(xb).float(), positive_index)
-                weight = None if train_d.weights is None else train_d.weights[idx]
-                loss = nn.functional.binary_cross_entropy_with_logits(logit, yb.float(), weight=weight)
-                if setting.gap_penalty:
-                    loss = loss + setting.gap_penalty * soft_gap_penalty(logit, gb)
+                    weight = None if train_d.weights is None else train_d.weights[idx]
+                    loss = nn.functional.binary_cross_entropy_with_logits(logit, yb.float(), weight=weight)
+                    if setting.gap_penalty:
+                        # The penalty is on the model that ships (GroupMixNorm's eval map), not on
+                        # the mixed training path, whose group gap the mixing already hides.
+                        shipped = logit
+                        if handle is not None:
+                            with deployed(handle):
+                                shipped = binary_logit(model(xb).float(), positive_index)
+                        loss = loss + setting.gap_penalty * soft_gap_penalty(shipped, gb, labels)
                 if optimizer is not None:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -235,5 +269,6 @@ def finetune(
             if on_epoch is not None:
                 on_epoch(result)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     return results

@@ -11,7 +11,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +19,29 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import LoadedModel, load_model, require_eager, save_model
+from .checkpoint import LoadedModel, load_model, model_input_width, require_eager, save_model
 from .data import LabelledData, load_labelled
+from .predict import predict_scores
+from .schema import FeatureSchema
 from .errors import UserError
 from .files import atomic_write_text, ensure_not_input, sha256_file
 from .fit_report import candidate_rows, metric_changes, render_markdown, verdict
-from .finetune import TARGET_METRIC, EpochResult, Setting, Tensors, evaluate, finetune, predict
-from .hooks import attach, candidate_layers
-from .select import Selector
+from .finetune import TARGET_METRIC, EpochResult, Setting, Tensors, attach_setting, evaluate
+from .hooks import candidate_layers
+from .select import Selector, search
 from .split import stratified_split
 
 log = logging.getLogger(__name__)
 
-#: Defaults chosen with benchmarks/efficacy.py (see the README's efficacy table).
-DEFAULT_ALPHAS = (0.5,)
-DEFAULT_LRS = (1e-3,)
-DEFAULT_EPOCHS = 5
+#: Per-target search defaults, chosen with benchmarks/efficacy.py (README, "Efficacy").
+#: Every alpha x lr x gap_penalty is one setting trained for ``epochs``; with
+#: ``stats_only`` one more candidate only updates GroupMixNorm's running statistics
+#: (learning rate 0), which lowers the gap at no accuracy cost when training cannot.
+TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dp": {"alpha": [0.5], "lr": [1e-4], "gap_penalty": [0.0, 20.0], "epochs": 8, "inference": "running"},
+    "eo": {"alpha": [0.5], "lr": [1e-4, 3e-4], "gap_penalty": [0.0], "epochs": 8, "inference": "running"},
+    "eod": {"alpha": [0.5], "lr": [1e-4, 3e-4], "gap_penalty": [0.0], "epochs": 8, "inference": "running"},
+}
 
 
 @dataclass
@@ -54,12 +61,14 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     layers: list[str] = field(default_factory=lambda: ["auto"])
-    alpha: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
-    lr: list[float] = field(default_factory=lambda: list(DEFAULT_LRS))
-    epochs: int = DEFAULT_EPOCHS
+    alpha: list[float] | None = None
+    lr: list[float] | None = None
+    gap_penalty: list[float] | None = None
+    epochs: int | None = None
+    inference: str | None = None
+    stats_only: bool = True
     batch_size: int = 256
     val_fraction: float = 0.3
-    gap_penalty: float = 0.0
     threshold: float = 0.5
     force: bool = False
     train_batchnorm: bool = False
@@ -69,6 +78,15 @@ class FitConfig:
     schema: Path | None = None
     missing_groups: str = "error"
     normalize_labels: bool = False
+    strict: bool = False
+
+    def resolved(self) -> "FitConfig":
+        """A copy with the target's defaults filled in where an option was left unset."""
+        if self.target not in TARGET_METRIC:
+            raise UserError(f"--target must be one of {', '.join(TARGET_METRIC)}, got {self.target!r}")
+        defaults = TARGET_DEFAULTS[self.target]
+        values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
+        return replace(self, **values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able values (paths as text)."""
@@ -113,9 +131,10 @@ def default_layers(model: torch.nn.Module, sample: torch.Tensor) -> list[str]:
 
 def to_tensors(data: LabelledData, group_names: list[str]) -> Tensors:
     """Attach integer group ids (indices into the sorted list of all group labels)."""
-    index = {name: i for i, name in enumerate(group_names)}
-    ids = torch.tensor([index[g] for g in data.groups], dtype=torch.long)
-    return Tensors(data.x, data.y.long(), ids, np.asarray(data.groups), data.weights)
+    assert data.x is not None
+    ids = torch.as_tensor(np.searchsorted(np.asarray(group_names), np.asarray(data.groups, dtype=str)), dtype=torch.long)
+    weights = None if data.weights is None else torch.as_tensor(data.weights, dtype=torch.float32)
+    return Tensors(data.x, data.y.long(), ids, np.asarray(data.groups), weights)
 
 
 def subset(data: Tensors, idx: np.ndarray) -> Tensors:
@@ -126,43 +145,54 @@ def subset(data: Tensors, idx: np.ndarray) -> Tensors:
 
 
 def settings_grid(cfg: FitConfig, layers: list[str]) -> list[Setting]:
-    """The candidate recipes: every alpha x learning rate, mixing for the chosen target."""
+    """The candidate recipes of a resolved config: alpha x lr x gap penalty (+ stats only)."""
+    assert cfg.alpha is not None and cfg.lr is not None and cfg.gap_penalty is not None
+    assert cfg.epochs is not None and cfg.inference is not None
     mix = "dp" if cfg.target == "dp" else "eo"
-    return [
-        Setting(tuple(layers), alpha=a, lr=lr, epochs=cfg.epochs, mix_target=mix, gap_penalty=cfg.gap_penalty)
+    common = dict(epochs=cfg.epochs, mix_target=mix, inference=cfg.inference)
+    grid = [
+        Setting(tuple(layers), alpha=a, lr=lr, gap_penalty=gap, **common)  # type: ignore[arg-type]
         for a in cfg.alpha
         for lr in cfg.lr
+        for gap in cfg.gap_penalty
     ]
+    if cfg.stats_only and cfg.inference == "running":
+        grid += [Setting(tuple(layers), alpha=a, lr=0.0, epochs=1, mix_target=mix, inference="running")
+                 for a in cfg.alpha]
+    return grid
 
 
-def _load_inputs(cfg: FitConfig) -> tuple[LoadedModel, LabelledData, LabelledData | None, LabelledData | None]:
+def _load_inputs(
+    cfg: FitConfig,
+) -> tuple[LoadedModel, FeatureSchema | None, LabelledData, LabelledData | None, LabelledData | None]:
     loaded = load_model(
         cfg.model, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, trust_checkpoint=cfg.trust_checkpoint
     )
     require_eager(loaded)
-    common = dict(
-        schema=cfg.schema if cfg.schema is not None else loaded.schema,
-        model=loaded.model,
+    schema = FeatureSchema.from_yaml(cfg.schema) if cfg.schema is not None else loaded.schema
+    common: dict[str, Any] = dict(
+        schema=schema,
+        input_width=model_input_width(loaded.model),
         label=cfg.label,
         positive=cfg.positive,
         protected=cfg.protected,
         missing_groups=cfg.missing_groups,
         normalize_labels=cfg.normalize_labels,
+        strict=cfg.strict,
     )
     data = load_labelled(cfg.data, **common)
     val = load_labelled(cfg.val, **common) if cfg.val is not None else None
     held = load_labelled(cfg.eval, **common) if cfg.eval is not None else None
-    return loaded, data, val, held
+    return loaded, schema, data, val, held
 
 
 def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | None = None) -> FitOutcome:
     """Run ``fit``; raise :class:`UserError` for bad input, write outputs only at the end."""
     started = time.perf_counter()
-    if cfg.target not in TARGET_METRIC:
-        raise UserError(f"--target must be one of {', '.join(TARGET_METRIC)}, got {cfg.target!r}")
+    cfg = cfg.resolved()
     if not 0.0 < cfg.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
-    if cfg.epochs < 1:
+    if cfg.epochs is not None and cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}")
     device = resolve_device(cfg.device)
     out_dir = cfg.out if cfg.out is not None else cfg.model.parent / f"{cfg.model.stem}-debiased"
@@ -170,7 +200,7 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     inputs = [cfg.model, cfg.data, cfg.eval, cfg.val, cfg.schema]
     ensure_not_input(checkpoint_path, inputs)
 
-    loaded, data, val_data, held_data = _load_inputs(cfg)
+    loaded, schema, data, val_data, held_data = _load_inputs(cfg)
     parts = [d for d in (data, val_data, held_data) if d is not None]
     group_names = sorted({str(g) for d in parts for g in d.groups})
     if len(set(map(str, data.groups))) < 2:
@@ -191,30 +221,13 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     positive_index = None
     layers = default_layers(base, train.x[:2]) if cfg.layers in ([], ["auto"]) else list(cfg.layers)
     settings = settings_grid(cfg, layers)
-    target_key = TARGET_METRIC[cfg.target]
-    baseline_val = evaluate(base, val, positive_index, cfg.threshold)
-    selector = Selector(target_key, baseline_val, cfg.max_ap_drop, force=cfg.force)
-    best: tuple[int, EpochResult] | None = None
-    candidates: list[dict[str, Any]] = []
-    for i, setting in enumerate(settings):
-        def keep(result: EpochResult) -> bool:
-            return selector.offer(result.metrics)
-
-        def report_epoch(result: EpochResult, setting: Setting = setting) -> None:
-            if on_epoch is not None:
-                on_epoch(setting, result)
-
-        results = finetune(
-            base, setting, i, train, val, seed=cfg.seed, device=device, batch_size=cfg.batch_size,
-            train_batchnorm=cfg.train_batchnorm, positive_index=positive_index,
-            threshold=cfg.threshold, on_epoch=report_epoch, keep=keep,
-        )
-        for result in results:
-            if result.state is not None:
-                best = (i, result)
-            candidates.append(result.summary())
-
-    final, fold_check = _final_model(base, settings, best, val.x, positive_index)
+    found = search(
+        base, settings, train, val, target=cfg.target, max_ap_drop=cfg.max_ap_drop, seed=cfg.seed,
+        device=device, force=cfg.force, batch_size=cfg.batch_size, train_batchnorm=cfg.train_batchnorm,
+        positive_index=positive_index, threshold=cfg.threshold, on_epoch=on_epoch,
+    )
+    best = found.best
+    final, fold_check = build_final_model(base, settings, best, val.x, positive_index)
     before = evaluate(base, held, positive_index, cfg.threshold)
     after = evaluate(final, held, positive_index, cfg.threshold)
     provenance = {
@@ -227,16 +240,16 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     }
     gmn_settings = None if best is None else {**asdict(settings[best[0]]), "epoch": best[1].epoch}
     report = build_report(
-        cfg=cfg, selector=selector, settings=settings, best=best, candidates=candidates,
-        baseline_val=baseline_val, before=before, after=after, held_source="eval" if cfg.eval else "validation",
+        cfg=cfg, selector=found.selector, settings=settings, best=best, candidates=found.candidates,
+        baseline_val=found.baseline, before=before, after=after, held_source="eval" if cfg.eval else "validation",
         held_rows=len(held), provenance=provenance, gmn_settings=gmn_settings, fold_check=fold_check,
         device=device, checkpoint=checkpoint_path, wall_s=time.perf_counter() - started,
     )
-    files = write_outputs(cfg, loaded, final, out_dir, checkpoint_path, report, provenance, gmn_settings, val.x[:64])
+    files = write_outputs(cfg, loaded, schema, final, out_dir, checkpoint_path, report, provenance, gmn_settings, val.x[:64])
     return FitOutcome(report, out_dir, checkpoint_path, files)
 
 
-def _final_model(
+def build_final_model(
     base: torch.nn.Module,
     settings: list[Setting],
     best: tuple[int, EpochResult] | None,
@@ -255,14 +268,15 @@ def _final_model(
     model = copy.deepcopy(base).cpu()
     model.load_state_dict(result.state["model"])
     setting = settings[index]
-    handle = attach(model, list(setting.layers), alpha=setting.alpha, p=setting.p,
-                    inference=setting.inference, target=setting.mix_target)
+    handle = attach_setting(model, setting)
+    if handle is None:  # plain fine-tuning: nothing to fold
+        return model.eval(), {"folded": False}
     handle.layers.load_state_dict(result.state["gmn"])
     model.eval()
     handle.layers.eval()
-    hooked = predict(model, check_x.cpu(), positive_index)
+    hooked = predict_scores(model, check_x.cpu(), positive_index=positive_index)
     handle.fold()
-    folded = predict(model, check_x.cpu(), positive_index)
+    folded = predict_scores(model, check_x.cpu(), positive_index=positive_index)
     max_diff = float(np.max(np.abs(hooked - folded))) if len(hooked) else 0.0
     flips = int(np.sum((hooked >= 0.5) != (folded >= 0.5)))
     if max_diff > 1e-5 or flips:
@@ -324,7 +338,8 @@ def build_report(
 
 
 def write_outputs(
-    cfg: FitConfig, loaded: LoadedModel, model: torch.nn.Module, out_dir: Path, checkpoint: Path,
+    cfg: FitConfig, loaded: LoadedModel, schema: FeatureSchema | None, model: torch.nn.Module, out_dir: Path,
+    checkpoint: Path,
     report: dict[str, Any], provenance: dict[str, Any], gmn_settings: dict[str, Any] | None,
     check_x: torch.Tensor,
 ) -> list[Path]:
@@ -338,12 +353,12 @@ def write_outputs(
     pt_path = checkpoint.with_suffix(".pt") if loaded.format in ("pt", "pickle") else None
     for path in targets + ([pt_path] if pt_path else []):
         ensure_not_input(path, inputs)
-    schema = loaded.schema if cfg.schema is None else None
-    written = save_model(
-        model.cpu(), checkpoint, arch=loaded.arch, schema=schema, provenance=provenance,
-        gmn=gmn_settings, inputs=inputs, check_input=check_x.cpu(), also_pt=pt_path is not None,
-    )
+    written = []
+    for path in [checkpoint] + ([pt_path] if pt_path else []):
+        save_model(model.cpu(), path, arch=loaded.arch, schema=schema, provenance=provenance,
+                   gmn=gmn_settings, inputs=inputs, check_input=check_x.cpu())
+        written.append(path)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return list(written) + targets[1:]
+    return written + targets[1:]

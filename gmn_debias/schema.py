@@ -38,7 +38,7 @@ def first_rows(index: Iterable[Any], limit: int = 5) -> str:
 def numeric_values(values: pd.Series, *, column: str, source: str) -> np.ndarray:
     """Parse text cells as float64; an empty or non-numeric cell is an error naming its rows."""
     stripped = values.astype(str).str.strip()
-    parsed = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64)
+    parsed = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64, copy=True)
     bad = ~np.isfinite(parsed)
     if bad.any():
         rows = values.index[bad]
@@ -159,7 +159,7 @@ class FeatureSchema:
                 out[:, offset] = (values - f.mean) / f.std
             else:
                 cells = frame[f.name].astype(str).str.strip()
-                codes = pd.Categorical(cells, categories=f.categories).codes
+                codes = pd.Index(f.categories).get_indexer(cells)
                 known = codes >= 0
                 out[np.flatnonzero(known), offset + codes[known]] = 1.0
                 if not known.all():
@@ -196,6 +196,8 @@ class FeatureSchema:
         """Rebuild a schema, checking every field so a hand-edited file fails clearly."""
         if not isinstance(data, Mapping) or not isinstance(data.get("features"), list):
             raise UserError(f"{source}: a schema must be a mapping with a 'features' list")
+        if data.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise UserError(f"{source}: schema version {data['version']!r} is not supported (this gmn-debias reads {SCHEMA_VERSION})")
         features: list[Feature] = []
         for i, item in enumerate(data["features"]):
             where = f"{source}: features[{i}]"

@@ -8,8 +8,14 @@ model is kept, unless the user forces the smallest gap regardless of AP.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from torch import nn
+
+from .finetune import TARGET_METRIC, EpochResult, Setting, Tensors, evaluate, finetune
 
 AP_KEY = "average_precision"
 
@@ -65,3 +71,54 @@ class Selector:
         if self.best_forced_key is not None:
             return "forced"
         return "kept_original"
+
+
+@dataclass
+class SearchResult:
+    """Every candidate's validation audit, and the chosen one (with its weights)."""
+
+    selector: Selector
+    baseline: dict[str, Any]
+    best: tuple[int, EpochResult] | None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+
+def search(
+    base: nn.Module,
+    settings: list[Setting],
+    train: Tensors,
+    val: Tensors,
+    *,
+    target: str,
+    max_ap_drop: float,
+    seed: int,
+    device: torch.device,
+    force: bool = False,
+    batch_size: int = 256,
+    train_batchnorm: bool = False,
+    positive_index: int | None = None,
+    threshold: float = 0.5,
+    on_epoch: Callable[[Setting, EpochResult], None] | None = None,
+) -> SearchResult:
+    """Fine-tune every setting, audit each epoch on ``val``, keep the best qualifying one.
+
+    Only the current best candidate's weights are held in memory.
+    """
+    baseline = evaluate(base, val, positive_index, threshold)
+    selector = Selector(TARGET_METRIC[target], baseline, max_ap_drop, force=force)
+    result = SearchResult(selector, baseline, None)
+    for index, setting in enumerate(settings):
+        def report(epoch: EpochResult, setting: Setting = setting) -> None:
+            if on_epoch is not None:
+                on_epoch(setting, epoch)
+
+        epochs = finetune(
+            base, setting, index, train, val, seed=seed, device=device, batch_size=batch_size,
+            train_batchnorm=train_batchnorm, positive_index=positive_index, threshold=threshold,
+            on_epoch=report, keep=lambda epoch: selector.offer(epoch.metrics),
+        )
+        for epoch in epochs:
+            if epoch.state is not None:
+                result.best = (index, epoch)
+            result.candidates.append(epoch.summary())
+    return result

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..finetune import TARGET_METRIC, EpochResult, Setting
-from ..fit import DEFAULT_EPOCHS, FitConfig, run_fit
+from ..fit import FitConfig, run_fit, settings_grid
 from ..fit_report import selection_sentence
 from ._app import app
 from .common import (
@@ -75,17 +75,20 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed for the split, shuffling and mixing (CPU runs are repeatable).")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
     layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Layer name(s) to attach GroupMixNorm to (see `gmn-debias layers`); default: every foldable hidden layer.")] = None,
-    alpha: Annotated[Optional[list[str]], typer.Option("--alpha", help="Beta(α, α) mixing parameter(s) to try, e.g. 0.5 or 0.1,0.5.")] = None,
-    lr: Annotated[Optional[list[str]], typer.Option("--lr", help="Learning rate(s) to try.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs per setting; the best epoch is chosen on validation.")] = DEFAULT_EPOCHS,
+    alpha: Annotated[Optional[list[str]], typer.Option("--alpha", help="Beta(α, α) mixing parameter(s) to try, e.g. 0.5 or 0.1,0.5 [default: 0.5].")] = None,
+    lr: Annotated[Optional[list[str]], typer.Option("--lr", help="Learning rate(s) to try [default: 1e-4].")] = None,
+    gap_penalty: Annotated[Optional[list[str]], typer.Option("--gap-penalty", help="Weight(s) of a soft-score gap penalty on the shipped model (GapReg), tried as extra settings; 0 = GroupMixNorm alone [default: 0,20 for dp; 0 otherwise].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per setting; the best epoch is chosen on validation [default: 8].")] = None,
+    inference: Annotated[Optional[str], typer.Option(help="GroupMixNorm at inference: running (least-squares fit of the training map, folded) or identity [default: running].")] = None,
+    stats_only: Annotated[bool, typer.Option(help="Also try a candidate that only updates GroupMixNorm's running statistics (learning rate 0).")] = True,
     batch_size: Annotated[int, typer.Option(help="Rows per training batch.")] = 256,
     val_fraction: Annotated[float, typer.Option(help="Share of DATA held out for validation when --val is not given.")] = 0.3,
-    gap_penalty: Annotated[float, typer.Option(help="Weight of an extra soft-score gap penalty (GapReg); 0 = GroupMixNorm only.")] = 0.0,
     threshold: Annotated[float, typer.Option(help="Decision threshold on the positive-class probability.")] = 0.5,
     force: Annotated[bool, typer.Option(help="When no candidate keeps AP within budget, take the smallest gap anyway.")] = False,
     train_batchnorm: Annotated[bool, typer.Option(help="Let the model's BatchNorm layers update their statistics (default: frozen).")] = False,
     missing_groups: Annotated[str, typer.Option(help="Empty protected cells: error, drop (the rows) or group (a '<missing>' group).")] = "error",
     normalize_labels: Annotated[bool, typer.Option(help="Strip spaces and a trailing '.' from labels (Adult's test file: '>50K.').")] = False,
+    strict: Annotated[bool, typer.Option(help="Unseen category values are an error (default: zeros and a warning with the count).")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -106,13 +109,15 @@ def fit(
         model=model, data=data, protected=list(protected), label=label, positive=positive, eval=eval, val=val,
         out=out, target=target, max_ap_drop=max_ap_drop, seed=seed, device=device,
         layers=_split_list(layers) or ["auto"], epochs=epochs, batch_size=batch_size, val_fraction=val_fraction,
-        gap_penalty=gap_penalty, threshold=threshold, force=force, train_batchnorm=train_batchnorm,
+        inference=inference, stats_only=stats_only, threshold=threshold, force=force, train_batchnorm=train_batchnorm,
         arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, schema=schema,
-        missing_groups=missing_groups, normalize_labels=normalize_labels,
+        missing_groups=missing_groups, normalize_labels=normalize_labels, strict=strict,
     )
-    cfg.alpha = _floats(alpha, "--alpha") or cfg.alpha
-    cfg.lr = _floats(lr, "--lr") or cfg.lr
-    progress = _Progress(len(cfg.alpha) * len(cfg.lr) * cfg.epochs, quiet, target if target in TARGET_METRIC else "dp")
+    cfg.alpha, cfg.lr = _floats(alpha, "--alpha"), _floats(lr, "--lr")
+    cfg.gap_penalty = _floats(gap_penalty, "--gap-penalty")
+    resolved = cfg.resolved()
+    total = sum(s.epochs for s in settings_grid(resolved, ["?"]))
+    progress = _Progress(total, quiet, resolved.target)
     try:
         outcome = run_fit(cfg, on_epoch=progress)
     finally:
