@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gmn_debias.finetune import Setting, Tensors, evaluate
+from gmn_debias.finetune import Setting, Tensors, evaluate, evaluate_at_rate
 from gmn_debias.fit import (
     FitConfig, _load_inputs, build_final_model, default_layers, settings_grid, subset, to_tensors,
 )
@@ -49,6 +49,8 @@ KEYS = {
     "soft DP": "mean_score_difference",
     "AP": "average_precision",
     "acc": "accuracy",
+    "sel. rate": "selection_rate",
+    "DP @ input rate": "dp_at_input_rate",
 }
 
 
@@ -73,35 +75,48 @@ def run_method(
     found = search(base, settings, train, val, target=target, max_ap_drop=max_ap_drop, seed=seed,
                    device=torch.device("cpu"))
     model, _ = build_final_model(base, settings, found.best, val.x, None)
-    audit = evaluate(model, held, None)
+    metrics = dict(evaluate(model, held, None)["metrics"])
+    rate = evaluate(base, held, None)["metrics"]["selection_rate"]
+    matched = evaluate_at_rate(model, held, rate, None)["metrics"]
+    metrics["dp_at_input_rate"] = matched["demographic_parity_difference"]
     chosen = None if found.best is None else f"{settings[found.best[0]].describe()} @ epoch {found.best[1].epoch}"
-    return {"metrics": audit["metrics"], "chosen": chosen, "status": found.selector.status}
+    return {"metrics": metrics, "chosen": chosen, "status": found.selector.status}
 
 
-def fairlearn_anchors(base: torch.nn.Module, train: Tensors, val: Tensors, held: Tensors, seed: int) -> dict[str, dict]:
-    """ExponentiatedGradient (no attribute at prediction) and ThresholdOptimizer (needs it)."""
+def fairlearn_anchors(base: torch.nn.Module, full: Tensors, held: Tensors, seed: int) -> dict[str, dict]:
+    """ExponentiatedGradient (no attribute at prediction) and ThresholdOptimizer (needs it).
+
+    Both see the whole fine-tuning set (the rows ``fit`` splits into train and validation)
+    and output hard predictions, so their AP is that of 0/1 scores (not comparable with
+    the score-based AP of the other rows); DP, EO, EOD and accuracy are comparable.
+    """
     try:
         from fairlearn.postprocessing import ThresholdOptimizer
         from fairlearn.reductions import DemographicParity, ExponentiatedGradient, TruePositiveRateParity
+        from sklearn.base import BaseEstimator, ClassifierMixin
         from sklearn.linear_model import LogisticRegression
     except ImportError:
         return {}
     from gmn_debias.metrics import audit_arrays
 
-    x_fit = torch.cat([train.x, val.x]).numpy()
-    y_fit = torch.cat([train.y, val.y]).numpy()
-    g_fit = np.concatenate([train.groups, val.groups])
+    x_fit, y_fit, g_fit = full.x.numpy(), full.y.numpy(), full.groups
     x_held, y_held = held.x.numpy(), held.y.numpy()
     out: dict[str, dict] = {}
+    import warnings
+
+    warnings.filterwarnings("ignore", module="fairlearn")
     for name, constraint in (("fairlearn ExponentiatedGradient (DP)", DemographicParity()),
                              ("fairlearn ExponentiatedGradient (TPR)", TruePositiveRateParity())):
-        eg = ExponentiatedGradient(LogisticRegression(max_iter=1000), constraints=constraint)
+        eg = ExponentiatedGradient(LogisticRegression(max_iter=2000), constraints=constraint)
         eg.fit(x_fit, y_fit, sensitive_features=g_fit)
-        scores = eg._pmf_predict(x_held)[:, 1]
-        out[name] = {"metrics": audit_arrays(y_held, scores, held.groups)["metrics"], "chosen": "needs no attribute at prediction"}
+        pred = eg.predict(x_held, random_state=seed).astype(float)
+        out[name] = {"metrics": audit_arrays(y_held, pred, held.groups, score_type="label")["metrics"],
+                     "chosen": "logistic regression; needs no attribute at prediction"}
 
-    class Scorer:  # ThresholdOptimizer post-processes the sample model's own scores
-        def fit(self, x, y):  # noqa: ANN001, D401 - sklearn protocol
+    class Scorer(ClassifierMixin, BaseEstimator):  # ThresholdOptimizer post-processes the model's scores
+        fitted_ = True  # prefit: sklearn's check_is_fitted looks for a trailing-underscore attribute
+
+        def fit(self, x, y):  # noqa: ANN001 - sklearn protocol
             return self
 
         def predict(self, x):  # noqa: ANN001
@@ -182,13 +197,15 @@ def main() -> None:
         for label, (t, settings) in grid(layers_all, args.quick).items():
             methods[label] = (t, method(settings, t))
 
-    rows: dict[str, list[dict]] = {"input model": [{"metrics": evaluate(base, held, None)["metrics"], "chosen": ""}]}
+    base_metrics = dict(evaluate(base, held, None)["metrics"])
+    base_metrics["dp_at_input_rate"] = base_metrics["demographic_parity_difference"]
+    rows: dict[str, list[dict]] = {"input model": [{"metrics": base_metrics, "chosen": ""}]}
     for seed in seeds:
         train, val = split(full, seed)
         for label, (_, fn) in methods.items():
             rows.setdefault(label, []).append(fn(train, val, seed))
         if not args.quick:
-            for label, res in fairlearn_anchors(base, train, val, held, seed).items():
+            for label, res in fairlearn_anchors(base, full, held, seed).items():
                 rows.setdefault(label, []).append(res)
         print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
 

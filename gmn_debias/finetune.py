@@ -147,13 +147,40 @@ def soft_gap_penalty(logit: torch.Tensor, group_ids: torch.Tensor, labels: torch
 
 
 def evaluate(
-    model: nn.Module, data: Tensors, positive_index: int | None, threshold: float = 0.5
+    model: nn.Module,
+    data: Tensors,
+    positive_index: int | None,
+    threshold: float = 0.5,
+    protected: list[str] | None = None,
 ) -> dict[str, Any]:
     """Audit object (the ``audit --json`` layout) for ``model`` on ``data``."""
     scores = predict_scores(model, data.x, positive_index=positive_index, device=data.x.device)
     weights = None if data.weights is None else data.weights.cpu().numpy()
     return audit_arrays(
-        data.y.cpu().numpy(), scores, data.groups, threshold=threshold, sample_weight=weights
+        data.y.cpu().numpy(), scores, data.groups, threshold=threshold, sample_weight=weights,
+        protected=protected,
+    )
+
+
+def evaluate_at_rate(
+    model: nn.Module,
+    data: Tensors,
+    rate: float,
+    positive_index: int | None,
+    protected: list[str] | None = None,
+) -> dict[str, Any]:
+    """Audit at the threshold that selects ``rate`` of the rows (the input model's rate).
+
+    A DP gap at a fixed threshold also shrinks when the model simply selects fewer people
+    overall (levelling down); at a matched selection rate only a real change in how the
+    groups are ranked shows.
+    """
+    scores = predict_scores(model, data.x, positive_index=positive_index, device=data.x.device)
+    threshold = float(np.quantile(scores, 1.0 - rate)) if len(scores) else 0.5
+    weights = None if data.weights is None else data.weights.cpu().numpy()
+    return audit_arrays(
+        data.y.cpu().numpy(), scores, data.groups, threshold=threshold, sample_weight=weights,
+        protected=protected,
     )
 
 

@@ -26,7 +26,7 @@ from .schema import FeatureSchema
 from .errors import UserError
 from .files import atomic_write_text, ensure_not_input, sha256_file
 from .fit_report import candidate_rows, metric_changes, render_markdown, verdict
-from .finetune import TARGET_METRIC, EpochResult, Setting, Tensors, attach_setting, evaluate
+from .finetune import TARGET_METRIC, EpochResult, Setting, Tensors, attach_setting, evaluate, evaluate_at_rate
 from .hooks import candidate_layers
 from .select import Selector, search
 from .split import stratified_split
@@ -228,8 +228,10 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     )
     best = found.best
     final, fold_check = build_final_model(base, settings, best, val.x, positive_index)
-    before = evaluate(base, held, positive_index, cfg.threshold)
-    after = evaluate(final, held, positive_index, cfg.threshold)
+    before = evaluate(base, held, positive_index, cfg.threshold, protected=cfg.protected)
+    after = evaluate(final, held, positive_index, cfg.threshold, protected=cfg.protected)
+    rate = before["metrics"]["selection_rate"]
+    matched = evaluate_at_rate(final, held, rate, positive_index, cfg.protected) if rate else None
     provenance = {
         "tool": "gmn-debias",
         "version": __version__,
@@ -241,7 +243,7 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     gmn_settings = None if best is None else {**asdict(settings[best[0]]), "epoch": best[1].epoch}
     report = build_report(
         cfg=cfg, selector=found.selector, settings=settings, best=best, candidates=found.candidates,
-        baseline_val=found.baseline, before=before, after=after, held_source="eval" if cfg.eval else "validation",
+        baseline_val=found.baseline, before=before, after=after, matched=matched, held_source="eval" if cfg.eval else "validation",
         held_rows=len(held), provenance=provenance, gmn_settings=gmn_settings, fold_check=fold_check,
         device=device, checkpoint=checkpoint_path, wall_s=time.perf_counter() - started,
     )
@@ -288,7 +290,7 @@ def build_final_model(
 def build_report(
     *, cfg: FitConfig, selector: Selector, settings: list[Setting], best: tuple[int, EpochResult] | None,
     candidates: list[dict[str, Any]], baseline_val: dict[str, Any], before: dict[str, Any],
-    after: dict[str, Any], held_source: str, held_rows: int, provenance: dict[str, Any],
+    after: dict[str, Any], matched: dict[str, Any] | None, held_source: str, held_rows: int, provenance: dict[str, Any],
     gmn_settings: dict[str, Any] | None, fold_check: dict[str, Any], device: torch.device,
     checkpoint: Path, wall_s: float,
 ) -> dict[str, Any]:
@@ -316,6 +318,13 @@ def build_report(
         "before": before,
         "after": after,
         "change": metric_changes(before, after),
+        "at_input_selection_rate": None if matched is None else {
+            "selection_rate": before["metrics"]["selection_rate"],
+            "threshold": matched["threshold"],
+            "metrics": {k: matched["metrics"][k] for k in (
+                "demographic_parity_difference", "demographic_parity_ratio",
+                "equal_opportunity_difference", "equalized_odds_difference", "accuracy")},
+        },
         "halved": b is not None and a is not None and a <= b / 2,
         "validation": {
             "baseline": baseline_val["metrics"],

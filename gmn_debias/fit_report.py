@@ -13,6 +13,7 @@ SHORT = {
     "equal_opportunity_difference": "EO gap",
     "equalized_odds_difference": "EOD",
     "average_precision": "AP",
+    "selection_rate": "selection rate",
 }
 TARGET_NAME = {"dp": "DP gap", "eo": "EO gap", "eod": "EOD"}
 
@@ -38,14 +39,32 @@ def metric_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, f
 
 
 def verdict(report: dict[str, Any]) -> str:
-    """'DP gap 0.190 → 0.050, AP 0.772 → 0.765' for the targeted gap, with EOD/DP alongside."""
+    """'DP gap 0.195 → 0.070, EOD …, AP …, selection rate …': the targeted gap first."""
     target_key = report["target"]["metric"]
     keys = [target_key] + [k for k in ("demographic_parity_difference", "equalized_odds_difference") if k != target_key]
     parts = [
         f"{SHORT[k]} {_fmt(report['before']['metrics'].get(k))} → {_fmt(report['after']['metrics'].get(k))}"
-        for k in keys + ["average_precision"]
+        for k in keys + ["average_precision", "selection_rate"]
     ]
     return ", ".join(parts)
+
+
+def levelling_sentence(report: dict[str, Any]) -> str | None:
+    """Say so when much of a DP drop comes from selecting fewer people overall."""
+    matched = report.get("at_input_selection_rate")
+    before, after = report["before"]["metrics"], report["after"]["metrics"]
+    if matched is None or not before.get("selection_rate") or after.get("selection_rate") is None:
+        return None
+    drop = 1.0 - after["selection_rate"] / before["selection_rate"]
+    if drop < 0.2:
+        return None
+    return (
+        f"Caution: the model now selects {drop:.0%} fewer people overall (selection rate "
+        f"{before['selection_rate']:.3f} → {after['selection_rate']:.3f}). At the input model's selection rate "
+        f"(threshold {matched['threshold']:.3f}) the DP gap is {_fmt(matched['metrics']['demographic_parity_difference'])} "
+        f"and the EO gap {_fmt(matched['metrics']['equal_opportunity_difference'])}: the rest of the DP drop is "
+        "levelling down, not groups being treated more alike."
+    )
 
 
 def selection_sentence(report: dict[str, Any]) -> str:
@@ -87,6 +106,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         selection_sentence(report),
         "",
+        *([levelling_sentence(report), ""] if levelling_sentence(report) else []),
         "## Before and after",
         "",
     ]
@@ -97,6 +117,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         if not isinstance(before["metrics"][key], (dict, list))
     ]
     lines += _table(["metric", "before", "after", "change"], metric_rows)
+    matched = report.get("at_input_selection_rate")
+    if matched is not None:
+        lines += ["", f"At the input model's selection rate ({matched['selection_rate']:.3f}; threshold "
+                  f"{matched['threshold']:.3f} for the debiased model):", ""]
+        lines += _table(["metric", "before", "after (matched rate)"], [
+            [k, _fmt(before["metrics"][k]), _fmt(v)] for k, v in matched["metrics"].items()])
     lines += ["", "## Per group", ""]
     group_rows = []
     for name, g in before["groups"].items():

@@ -57,10 +57,14 @@ def _exact_group_sums(values: np.ndarray, codes: np.ndarray, k: int) -> np.ndarr
     span = int(exp.max()) - emin + 1
     key = ((np.arange(n_stats)[:, None] * k + codes[None, :]) * span + (exp - emin)).ravel()
     size = n_stats * k * span
+    cells = None
+    if size > 4 * key.size:  # many groups x a wide exponent range: count only the cells present
+        cells, key = np.unique(key, return_inverse=True)
+        size = cells.size
     hs = np.bincount(key, weights=hi.ravel(), minlength=size)
     ls = np.bincount(key, weights=lo.ravel(), minlength=size)
     for idx in np.flatnonzero((hs != 0) | (ls != 0)).tolist():
-        row, rest = divmod(idx, k * span)
+        row, rest = divmod(idx if cells is None else int(cells[idx]), k * span)
         group, e = divmod(rest, span)
         out[row, group] += ((int(hs[idx]) << 26) + int(ls[idx])) << (e + emin - 53 + _SCALE)
     return out
@@ -138,16 +142,19 @@ def _factorize_fixed_width(arr: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Factorize a NumPy ``U`` array by hashing its characters as integers (no Python objects).
 
     Converting millions of fixed-width strings to objects costs more than all the metric
-    arithmetic, so factorize one character position at a time and combine the codes.
+    arithmetic, so factorize the raw characters, 8 bytes (two characters) at a time where
+    the width allows, and combine the codes; short labels take a single pass.
     """
-    chars = arr.reshape(-1).view(np.uint32).reshape(arr.size, -1)
-    codes = np.zeros(arr.size, dtype=np.int64)
-    for j in range(chars.shape[1]):
-        col_codes, col_uniques = pd.factorize(chars[:, j])
+    flat = np.ascontiguousarray(arr.reshape(-1))
+    unit = np.uint64 if flat.dtype.itemsize % 8 == 0 else np.uint32
+    words = flat.view(unit).reshape(flat.size, -1)
+    codes, _ = pd.factorize(words[:, 0])
+    for j in range(1, words.shape[1]):
+        col_codes, col_uniques = pd.factorize(words[:, j])
         codes, _ = pd.factorize(codes * len(col_uniques) + col_codes)
     k = int(codes.max()) + 1 if codes.size else 0
     first = np.searchsorted(np.maximum.accumulate(codes), np.arange(k))  # codes follow first appearance
-    return codes, [str(v) for v in arr.reshape(-1)[first]]
+    return codes, [str(v) for v in flat[first]]
 
 
 def _text_codes(column: Any) -> tuple[np.ndarray, list[str]]:

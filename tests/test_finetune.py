@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -81,3 +82,21 @@ def test_binary_logit_heads() -> None:
     assert torch.allclose(binary_logit(two, 0), torch.tensor([-2.0]))
     with pytest.raises(UserError, match="binary"):
         binary_logit(torch.zeros(1, 3), None)
+
+
+def test_evaluate_at_rate_matches_the_input_selection_rate() -> None:
+    """Scores 0.1..0.8; rate 0.25 → threshold at the 75th percentile: top 2 rows selected."""
+    from gmn_debias.finetune import Tensors, evaluate_at_rate
+
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.zero_()
+    x = torch.log(p / (1 - p)).unsqueeze(1)
+    groups = np.array(["a", "a", "a", "a", "b", "b", "b", "b"])
+    data = Tensors(x, torch.tensor([0, 0, 0, 1, 0, 1, 1, 1]), torch.tensor([0] * 4 + [1] * 4), groups)
+    audit = evaluate_at_rate(model, data, 0.25, None)
+    assert audit["metrics"]["selection_rate"] == pytest.approx(0.25)
+    # both selected rows (0.7, 0.8) are in group b: rates 0 and 0.5
+    assert audit["metrics"]["demographic_parity_difference"] == pytest.approx(0.5)

@@ -66,6 +66,9 @@ def test_fit_writes_checkpoint_report_and_config(fitted: Path) -> None:
     assert report["evaluated_on"]["rows"] == 3000
     md = (fitted / "report.md").read_text()
     assert md.splitlines()[2].startswith("**Verdict:** DP gap ")
+    assert "selection rate" in md.splitlines()[2]
+    matched = report["at_input_selection_rate"]
+    assert matched["selection_rate"] == report["before"]["metrics"]["selection_rate"]
     config = yaml.safe_load((fitted / "config.yaml").read_text())
     assert config["protected"] == ["sex"] and config["epochs"] == 2
     # Every candidate of the search is in the report, and at most one is marked picked:

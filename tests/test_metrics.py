@@ -241,3 +241,28 @@ def test_fairlearn_named_functions_return_none_when_undefined() -> None:
     assert demographic_parity_ratio(y, pred, sensitive_features=A4B2) == 1.0
     assert equal_opportunity_difference(y, pred, sensitive_features=A4B2) is None
     assert equalized_odds_difference(y, pred, sensitive_features=A4B2) is None
+
+
+@pytest.mark.parametrize("labels", [["a", "b"], ["ab", "cd", "a"], ["abc", "abd", "x", "é"], ["abcdefgh", "abcdefgi", ""]])
+def test_fixed_width_string_groups_are_counted_by_label(labels: list[str]) -> None:
+    rng = np.random.default_rng(6)
+    groups = np.array(labels)[rng.integers(0, len(labels), 500)]  # NumPy 'U' array (fast path)
+    r = audit_arrays(rng.integers(0, 2, 500), rng.random(500), groups)
+    as_objects = audit_arrays(rng.integers(0, 2, 500), rng.random(500), groups.astype(object))
+    assert {g: s["count"] for g, s in r["groups"].items()} == {
+        g: int((groups == g).sum()) for g in sorted(set(groups.tolist()))}
+    assert list(r["groups"]) == list(as_objects["groups"])
+
+
+def test_exact_sums_with_many_groups_and_wide_weight_range() -> None:
+    """The sparse path (groups x exponents too many for a dense count) sums exactly too."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(7)
+    n = 400
+    groups = rng.integers(0, 300, n).astype(str)
+    w = 10.0 ** rng.uniform(-200, 200, n)
+    r = audit_arrays(np.ones(n, dtype=int), np.full(n, 0.7), groups, sample_weight=w)
+    for g, stats in r["groups"].items():
+        exact = sum((Fraction(x) for x in w[groups == g]), Fraction(0))
+        assert stats["weight"] == float(exact), g  # correctly rounded exact sum

@@ -93,11 +93,9 @@ def audit(
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Measure group fairness and accuracy of MODEL on DATA (or of a scores file), and check
-    release gates: exit 0 all pass, 1 a gate failed, 2 bad input, 3 a gated metric is undefined.
+    """Measure group fairness and accuracy of MODEL on DATA (or of a scores file), and check release gates: exit 0 all pass, 1 a gate failed, 2 bad input, 3 a gated metric is undefined.
 
-    Examples: gmn-debias audit model.safetensors holdout.csv -p sex --max-dp 0.1 --junit gates.xml;
-    gmn-debias audit --scores preds.csv --score-col p --label y -p sex --json audit.json
+    Examples: gmn-debias audit model.safetensors holdout.csv -p sex --max-dp 0.1 --junit gates.xml; gmn-debias audit --scores preds.csv --score-col p --label y -p sex --json audit.json
     """
     setup_logging(quiet)
     gates = build_gates({

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..finetune import TARGET_METRIC, EpochResult, Setting
 from ..fit import FitConfig, run_fit, settings_grid
-from ..fit_report import selection_sentence
+from ..fit_report import levelling_sentence, selection_sentence
 from ._app import app
 from .common import (
     ArchKwargsOpt, ArchOpt, ConfigOpt, QuietOpt, SchemaOpt, TrustOpt, cli_errors, setup_logging,
@@ -64,31 +64,31 @@ class _Progress:
 def fit(
     model: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth state_dict (with --arch) or trusted pickle.", dir_okay=False)],
     data: Annotated[Path, typer.Argument(help="Labelled CSV/Parquet with raw feature columns, the label and the protected column(s).", dir_okay=False)],
-    protected: Annotated[Optional[list[str]], typer.Option("--protected", "-p", help="Protected column; repeat for intersectional groups.")] = None,
-    label: Annotated[Optional[str], typer.Option(help="Label column (default: the one in the model's schema).")] = None,
-    positive: Annotated[Optional[str], typer.Option(help="Label value of the positive class (default: the schema's; 0/1, -1/1, True/False need none).")] = None,
-    eval: Annotated[Optional[Path], typer.Option("--eval", help="Held-out labelled file for the before/after report (default: the validation part).", dir_okay=False)] = None,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Validation file that picks the epoch/setting (default: a stratified split of DATA).", dir_okay=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: MODEL's folder / <stem>-debiased).", file_okay=False)] = None,
-    target: Annotated[str, typer.Option(help="Gap to lower: dp (demographic parity), eo (equal opportunity, TPR gap) or eod (equalized odds).")] = "dp",
-    max_ap_drop: Annotated[float, typer.Option(help="Largest validation AP loss accepted versus the input model.")] = 0.01,
-    seed: Annotated[int, typer.Option(help="Seed for the split, shuffling and mixing (CPU runs are repeatable).")] = 0,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
-    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Layer name(s) to attach GroupMixNorm to (see `gmn-debias layers`); default: every foldable hidden layer.")] = None,
-    alpha: Annotated[Optional[list[str]], typer.Option("--alpha", help="Beta(α, α) mixing parameter(s) to try, e.g. 0.5 or 0.1,0.5 [default: 0.5].")] = None,
-    lr: Annotated[Optional[list[str]], typer.Option("--lr", help="Learning rate(s) to try [default: 1e-4].")] = None,
-    gap_penalty: Annotated[Optional[list[str]], typer.Option("--gap-penalty", help="Weight(s) of a soft-score gap penalty on the shipped model (GapReg), tried as extra settings; 0 = GroupMixNorm alone [default: 0,20 for dp; 0 otherwise].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs per setting; the best epoch is chosen on validation [default: 8].")] = None,
-    inference: Annotated[Optional[str], typer.Option(help="GroupMixNorm at inference: running (least-squares fit of the training map, folded) or identity [default: running].")] = None,
-    stats_only: Annotated[bool, typer.Option(help="Also try a candidate that only updates GroupMixNorm's running statistics (learning rate 0).")] = True,
-    batch_size: Annotated[int, typer.Option(help="Rows per training batch.")] = 256,
-    val_fraction: Annotated[float, typer.Option(help="Share of DATA held out for validation when --val is not given.")] = 0.3,
-    threshold: Annotated[float, typer.Option(help="Decision threshold on the positive-class probability.")] = 0.5,
-    force: Annotated[bool, typer.Option(help="When no candidate keeps AP within budget, take the smallest gap anyway.")] = False,
-    train_batchnorm: Annotated[bool, typer.Option(help="Let the model's BatchNorm layers update their statistics (default: frozen).")] = False,
-    missing_groups: Annotated[str, typer.Option(help="Empty protected cells: error, drop (the rows) or group (a '<missing>' group).")] = "error",
-    normalize_labels: Annotated[bool, typer.Option(help="Strip spaces and a trailing '.' from labels (Adult's test file: '>50K.').")] = False,
-    strict: Annotated[bool, typer.Option(help="Unseen category values are an error (default: zeros and a warning with the count).")] = False,
+    protected: Annotated[Optional[list[str]], typer.Option("--protected", "-p", help="Protected column; repeat for intersectional groups.", rich_help_panel="Data")] = None,
+    label: Annotated[Optional[str], typer.Option(help="Label column (default: the one in the model's schema).", rich_help_panel="Data")] = None,
+    positive: Annotated[Optional[str], typer.Option(help="Label value of the positive class (default: the schema's; 0/1, -1/1, True/False need none).", rich_help_panel="Data")] = None,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help="Held-out labelled file for the before/after report (default: the validation part).", dir_okay=False, rich_help_panel="Data")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation file that picks the epoch/setting (default: a stratified split of DATA).", dir_okay=False, rich_help_panel="Data")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: MODEL's folder / <stem>-debiased).", file_okay=False, rich_help_panel="Output")] = None,
+    target: Annotated[str, typer.Option(help="Gap to lower: dp (demographic parity), eo (equal opportunity, TPR gap) or eod (equalized odds).", rich_help_panel="Search")] = "dp",
+    max_ap_drop: Annotated[float, typer.Option(help="Largest validation AP loss accepted versus the input model.", rich_help_panel="Search")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seed for the split, shuffling and mixing (CPU runs are repeatable).", rich_help_panel="Search")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.", rich_help_panel="Search")] = "auto",
+    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Layer name(s) to attach GroupMixNorm to (see `gmn-debias layers`); default: every foldable hidden layer.", rich_help_panel="Search")] = None,
+    alpha: Annotated[Optional[list[str]], typer.Option("--alpha", help="Beta(α, α) mixing parameter(s) to try, e.g. 0.5 or 0.1,0.5 [default: 0.5].", rich_help_panel="Search")] = None,
+    lr: Annotated[Optional[list[str]], typer.Option("--lr", help="Learning rate(s) to try [default: 1e-4].", rich_help_panel="Search")] = None,
+    gap_penalty: Annotated[Optional[list[str]], typer.Option("--gap-penalty", help="Weight(s) of a soft-score gap penalty on the shipped model (GapReg), tried as extra settings; 0 = GroupMixNorm alone [default: 0,20 for dp; 0 otherwise].", rich_help_panel="Search")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per setting; the best epoch is chosen on validation [default: 8].", rich_help_panel="Search")] = None,
+    inference: Annotated[Optional[str], typer.Option(help="GroupMixNorm at inference: running (least-squares fit of the training map, folded) or identity [default: running].", rich_help_panel="Search")] = None,
+    stats_only: Annotated[bool, typer.Option(help="Also try a candidate that only updates GroupMixNorm's running statistics (learning rate 0).", rich_help_panel="Search")] = True,
+    batch_size: Annotated[int, typer.Option(help="Rows per training batch.", rich_help_panel="Search")] = 256,
+    val_fraction: Annotated[float, typer.Option(help="Share of DATA held out for validation when --val is not given.", rich_help_panel="Search")] = 0.3,
+    threshold: Annotated[float, typer.Option(help="Decision threshold on the positive-class probability.", rich_help_panel="Data")] = 0.5,
+    force: Annotated[bool, typer.Option(help="When no candidate keeps AP within budget, take the smallest gap anyway.", rich_help_panel="Search")] = False,
+    train_batchnorm: Annotated[bool, typer.Option(help="Let the model's BatchNorm layers update their statistics (default: frozen).", rich_help_panel="Search")] = False,
+    missing_groups: Annotated[str, typer.Option(help="Empty protected cells: error, drop (the rows) or group (a '<missing>' group).", rich_help_panel="Data")] = "error",
+    normalize_labels: Annotated[bool, typer.Option(help="Strip spaces and a trailing '.' from labels (Adult's test file: '>50K.').", rich_help_panel="Data")] = False,
+    strict: Annotated[bool, typer.Option(help="Unseen category values are an error (default: zeros and a warning with the count).", rich_help_panel="Data")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -96,11 +96,11 @@ def fit(
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Fine-tune MODEL with GroupMixNorm on DATA, keep the least biased candidate whose AP
-    stays within budget, fold it into the weights, and write the checkpoint and a report.
+    """Debias MODEL with GroupMixNorm, fine-tuned on DATA; write a checkpoint and a report.
 
-    Example: gmn-debias fit sample_models/adult_mlp.safetensors sample_models/adult_finetune.csv
-    --protected sex --eval sample_models/adult_holdout.csv --out debiased/
+    Tries a small grid of settings, picks the epoch and setting with the smallest targeted gap on validation data whose AP stays within --max-ap-drop of the input model's, folds GroupMixNorm into the weights (same architecture and keys; no protected attribute needed at inference), and writes OUT/<model>.debiased.safetensors, report.json, report.md and config.yaml. Nothing is written if the run fails or is interrupted.
+
+    Example: gmn-debias fit sample_models/adult_mlp.safetensors sample_models/adult_finetune.csv --protected sex --eval sample_models/adult_holdout.csv --out adult-debiased
     """
     setup_logging(quiet)
     if not protected:
@@ -125,5 +125,8 @@ def fit(
     report = outcome.report
     typer.echo(report["verdict"])
     typer.echo(selection_sentence(report))
+    caution = levelling_sentence(report)
+    if caution:
+        typer.echo(caution)
     typer.echo(f"wrote {outcome.checkpoint}")
     typer.echo(f"wrote {outcome.out_dir / 'report.md'} (and report.json, config.yaml)")

@@ -45,8 +45,7 @@ def layers(
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """List MODEL's named layers with their types and output shapes, and mark the ones that
-    can take GroupMixNorm and be folded back into the weights (pass them to fit --layers).
+    """List MODEL's named layers with their types and output shapes, and mark the ones that can take GroupMixNorm and be folded back into the weights (pass them to fit --layers).
 
     Example: gmn-debias layers sample_models/adult_mlp.safetensors
     """
