@@ -71,6 +71,7 @@ class FitConfig:
     val_fraction: float = 0.3
     threshold: float = 0.5
     force: bool = False
+    max_selection_drop: float | None = None
     train_batchnorm: bool = False
     arch: str | None = None
     arch_kwargs: str | None = None
@@ -223,7 +224,7 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     settings = settings_grid(cfg, layers)
     found = search(
         base, settings, train, val, target=cfg.target, max_ap_drop=cfg.max_ap_drop, seed=cfg.seed,
-        device=device, force=cfg.force, batch_size=cfg.batch_size, train_batchnorm=cfg.train_batchnorm,
+        device=device, force=cfg.force, max_selection_drop=cfg.max_selection_drop, batch_size=cfg.batch_size, train_batchnorm=cfg.train_batchnorm,
         positive_index=positive_index, threshold=cfg.threshold, on_epoch=on_epoch,
     )
     best = found.best

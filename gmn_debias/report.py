@@ -84,7 +84,9 @@ def _verdict(results: list[GateResult]) -> str:
     if not results:
         return "no gates set (exit 0)"
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "undefined")}
-    return f"{counts['pass']} passed, {counts['fail']} failed, {counts['undefined']} undefined (exit {code})"
+    # Worded so a CI log scanner never mistakes it for a test runner's "N passed, N failed" line.
+    return (f"gates pass {counts['pass']}/{len(results)}, fail {counts['fail']}, "
+            f"undefined {counts['undefined']} (exit {code})")
 
 
 def render_table(audit: dict[str, Any], results: list[GateResult]) -> str:

@@ -1,7 +1,8 @@
 """Choosing the shipped candidate on validation data.
 
 A candidate qualifies when its validation AP stays within ``max_ap_drop`` of the input
-model's and its targeted gap is smaller than the input model's; among those the smallest
+model's, its targeted gap is smaller than the input model's and (optionally) its overall
+selection rate has not fallen by more than ``max_selection_drop`` (relative); among those the smallest
 gap wins (ties: higher AP, then the earlier candidate). When none qualifies the input
 model is kept, unless the user forces the smallest gap regardless of AP.
 """
@@ -28,6 +29,7 @@ class Selector:
     baseline: dict[str, Any]
     max_ap_drop: float
     force: bool = False
+    max_selection_drop: float | None = None
     best_key: tuple[float, float, int] | None = None
     best_forced_key: tuple[float, float, int] | None = None
     count: int = 0
@@ -43,7 +45,16 @@ class Selector:
         if gap is None or ap is None or base_ap is None:
             return False
         ap_ok = ap >= base_ap - self.max_ap_drop - 1e-12
-        return ap_ok and (base_gap is None or gap < base_gap)
+        return ap_ok and self._selects_enough(metrics) and (base_gap is None or gap < base_gap)
+
+    def _selects_enough(self, metrics: dict[str, Any]) -> bool:
+        """With ``max_selection_drop``, refuse candidates that close a gap by selecting fewer people."""
+        if self.max_selection_drop is None:
+            return True
+        rate, base_rate = metrics["metrics"].get("selection_rate"), self.baseline["metrics"].get("selection_rate")
+        if rate is None or not base_rate:
+            return True
+        return rate >= base_rate * (1.0 - self.max_selection_drop) - 1e-12
 
     def offer(self, metrics: dict[str, Any]) -> bool:
         """Record a candidate; True when it is the new best (so its weights must be kept)."""
@@ -94,6 +105,7 @@ def search(
     seed: int,
     device: torch.device,
     force: bool = False,
+    max_selection_drop: float | None = None,
     batch_size: int = 256,
     train_batchnorm: bool = False,
     positive_index: int | None = None,
@@ -105,7 +117,8 @@ def search(
     Only the current best candidate's weights are held in memory.
     """
     baseline = evaluate(base, val, positive_index, threshold)
-    selector = Selector(TARGET_METRIC[target], baseline, max_ap_drop, force=force)
+    selector = Selector(TARGET_METRIC[target], baseline, max_ap_drop, force=force,
+                        max_selection_drop=max_selection_drop)
     result = SearchResult(selector, baseline, None)
     for index, setting in enumerate(settings):
         def report(epoch: EpochResult, setting: Setting = setting) -> None:

@@ -62,3 +62,17 @@ def test_selector_force_takes_smallest_gap_until_one_qualifies() -> None:
     assert sel.offer(_m(0.15, 0.77)) is True  # a qualifying candidate beats any forced one
     assert sel.status == "selected"
     assert sel.offer(_m(0.01, 0.50)) is False
+
+
+def test_selector_max_selection_drop_refuses_levelling_down() -> None:
+    base = {"metrics": {"demographic_parity_difference": 0.20, "average_precision": 0.77, "selection_rate": 0.24}}
+
+    def cand(gap: float, rate: float) -> dict:
+        return {"metrics": {"demographic_parity_difference": gap, "average_precision": 0.77, "selection_rate": rate}}
+
+    sel = Selector("demographic_parity_difference", base, max_ap_drop=0.01, max_selection_drop=0.1)
+    assert sel.offer(cand(0.05, 0.12)) is False  # half the people selected: refused
+    assert sel.offer(cand(0.15, 0.217)) is True  # 0.217 >= 0.24 * 0.9 = 0.216
+    assert sel.offer(cand(0.10, 0.215)) is False  # just below the floor
+    without = Selector("demographic_parity_difference", base, max_ap_drop=0.01)
+    assert without.offer(cand(0.05, 0.12)) is True
