@@ -34,7 +34,13 @@ import torch
 
 from gmn_debias.finetune import Setting, Tensors, evaluate, evaluate_at_rate
 from gmn_debias.fit import (
-    FitConfig, _load_inputs, build_final_model, default_layers, settings_grid, subset, to_tensors,
+    FitConfig,
+    _load_inputs,
+    build_final_model,
+    default_layers,
+    settings_grid,
+    subset,
+    to_tensors,
 )
 from gmn_debias.predict import predict_scores
 from gmn_debias.select import search
@@ -92,7 +98,11 @@ def fairlearn_anchors(base: torch.nn.Module, full: Tensors, held: Tensors, seed:
     """
     try:
         from fairlearn.postprocessing import ThresholdOptimizer
-        from fairlearn.reductions import DemographicParity, ExponentiatedGradient, TruePositiveRateParity
+        from fairlearn.reductions import (
+            DemographicParity,
+            ExponentiatedGradient,
+            TruePositiveRateParity,
+        )
         from sklearn.base import BaseEstimator, ClassifierMixin
         from sklearn.linear_model import LogisticRegression
     except ImportError:

@@ -19,15 +19,29 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import LoadedModel, load_model, model_input_width, require_eager, save_model
+from .checkpoint import (
+    LoadedModel,
+    load_model,
+    model_input_width,
+    require_eager,
+    save_model,
+)
 from .data import LabelledData, load_labelled
-from .predict import predict_scores
-from .schema import FeatureSchema
 from .errors import UserError
 from .files import atomic_write_text, ensure_not_input, sha256_file
+from .finetune import (
+    TARGET_METRIC,
+    EpochResult,
+    Setting,
+    Tensors,
+    attach_setting,
+    evaluate,
+    evaluate_at_rate,
+)
 from .fit_report import candidate_rows, metric_changes, render_markdown, verdict
-from .finetune import TARGET_METRIC, EpochResult, Setting, Tensors, attach_setting, evaluate, evaluate_at_rate
 from .hooks import candidate_layers
+from .predict import predict_scores
+from .schema import FeatureSchema
 from .select import Selector, search
 from .split import stratified_split
 

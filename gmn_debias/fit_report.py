@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .report import fmt
+
 SHORT = {
     "demographic_parity_difference": "DP gap",
     "equal_opportunity_difference": "EO gap",
@@ -18,14 +20,8 @@ SHORT = {
 TARGET_NAME = {"dp": "DP gap", "eo": "EO gap", "eod": "EOD"}
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "undefined"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def _fmt(value: Any) -> str:
+    return fmt(value, digits=3)
 
 
 def metric_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:

@@ -72,7 +72,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 def report(y: np.ndarray, score: np.ndarray, sex: np.ndarray) -> dict[str, float]:
     """Holdout numbers from fairlearn/scikit-learn (independent of this package's metrics)."""
-    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+    from fairlearn.metrics import (
+        demographic_parity_difference,
+        equalized_odds_difference,
+    )
     from sklearn.metrics import accuracy_score, average_precision_score
 
     pred = (score >= 0.5).astype(int)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_one_line_error, invoke
+
 from gmn_debias.checkpoint import load_model
 from gmn_debias.data import load_labelled
 from gmn_debias.metrics import audit_arrays

@@ -17,7 +17,13 @@ from torch import nn
 
 from gmn_debias import __version__
 from gmn_debias.archs import MLP, build_arch
-from gmn_debias.checkpoint import load_model, load_weights, model_input_width, require_eager, save_model
+from gmn_debias.checkpoint import (
+    load_model,
+    load_weights,
+    model_input_width,
+    require_eager,
+    save_model,
+)
 from gmn_debias.errors import UserError
 from gmn_debias.files import sha256_file
 from gmn_debias.schema import CategoricalFeature, FeatureSchema, NumericFeature

@@ -285,9 +285,8 @@ def test_make_sample_models_reproduces_the_committed_files(adult_dir: Path, tmp_
     import subprocess
     import sys
 
-    from safetensors import safe_open
-
     from conftest import REPO, SAMPLE_DIR
+    from safetensors import safe_open
 
     script = REPO / "scripts" / "make_sample_models.py"
     run = subprocess.run(

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from gmn_debias.errors import UserError
-from gmn_debias.finetune import Setting, attach_setting, binary_logit, deployed, soft_gap_penalty
+from gmn_debias.finetune import (
+    Setting,
+    attach_setting,
+    binary_logit,
+    deployed,
+    soft_gap_penalty,
+)
 
 
 def logit(p: list[float]) -> torch.Tensor:

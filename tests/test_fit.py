@@ -16,7 +16,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from gmn_debias.cli import app
-from gmn_debias.finetune import Setting, Tensors, _batches, autocast_context, finetune, set_train_mode
+from gmn_debias.finetune import (
+    Setting,
+    Tensors,
+    _batches,
+    autocast_context,
+    finetune,
+    set_train_mode,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "sample_models" / "adult_mlp.safetensors"

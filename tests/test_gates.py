@@ -10,7 +10,13 @@ import pytest
 from gmn_debias.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_UNDEFINED, UserError
 from gmn_debias.gates import GATES, build_gates, evaluate_gates, exit_code
 from gmn_debias.metrics import audit_arrays
-from gmn_debias.report import audit_document, render_junit, render_markdown, render_table, to_json
+from gmn_debias.report import (
+    audit_document,
+    render_junit,
+    render_markdown,
+    render_table,
+    to_json,
+)
 
 # case (a) of the issue: DP gap 0, TPR of group b undefined
 CASE_A = audit_arrays([1, 1, 0, 0, 0, 0], [1, 0, 0, 1, 0, 1], ["a"] * 4 + ["b"] * 2, score_type="label")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, invoke
 from safetensors.torch import save_file
 
-from conftest import assert_one_line_error, invoke
 from gmn_debias.archs import MLP
 from gmn_debias.checkpoint import save_model
 

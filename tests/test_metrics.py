@@ -15,8 +15,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from gmn_debias.errors import UserError
 from gmn_debias.metrics import (
-    FairnessAccumulator, audit_arrays, demographic_parity_difference, demographic_parity_ratio,
-    equal_opportunity_difference, equalized_odds_difference, infer_score_type,
+    FairnessAccumulator,
+    audit_arrays,
+    demographic_parity_difference,
+    demographic_parity_ratio,
+    equal_opportunity_difference,
+    equalized_odds_difference,
+    infer_score_type,
 )
 
 A4B2 = ["a"] * 4 + ["b"] * 2

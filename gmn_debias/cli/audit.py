@@ -12,9 +12,24 @@ from ..audit import AuditOptions, audit_model_file, audit_scores_file
 from ..errors import UserError
 from ..files import atomic_write_text, ensure_not_input
 from ..gates import build_gates, evaluate_gates, exit_code
-from ..report import audit_document, render_junit, render_markdown, render_table, to_json
+from ..report import (
+    audit_document,
+    render_junit,
+    render_markdown,
+    render_table,
+    to_json,
+)
 from ._app import app
-from .common import ArchKwargsOpt, ArchOpt, ConfigOpt, QuietOpt, SchemaOpt, TrustOpt, cli_errors, setup_logging
+from .common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ConfigOpt,
+    QuietOpt,
+    SchemaOpt,
+    TrustOpt,
+    cli_errors,
+    setup_logging,
+)
 
 
 class ScoreTypeChoice(str, Enum):

@@ -15,7 +15,14 @@ from ..fit import FitConfig, run_fit, settings_grid
 from ..fit_report import levelling_sentence, selection_sentence
 from ._app import app
 from .common import (
-    ArchKwargsOpt, ArchOpt, ConfigOpt, QuietOpt, SchemaOpt, TrustOpt, cli_errors, setup_logging,
+    ArchKwargsOpt,
+    ArchOpt,
+    ConfigOpt,
+    QuietOpt,
+    SchemaOpt,
+    TrustOpt,
+    cli_errors,
+    setup_logging,
 )
 
 

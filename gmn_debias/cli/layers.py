@@ -16,7 +16,16 @@ from ..errors import UserError
 from ..hooks import LayerInfo, candidate_layers
 from ..schema import FeatureSchema
 from ._app import app
-from .common import ArchKwargsOpt, ArchOpt, ConfigOpt, QuietOpt, SchemaOpt, TrustOpt, cli_errors, setup_logging
+from .common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    ConfigOpt,
+    QuietOpt,
+    SchemaOpt,
+    TrustOpt,
+    cli_errors,
+    setup_logging,
+)
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:
