@@ -40,6 +40,7 @@ class AuditOptions:
     min_group_size: int | None = None
     missing_groups: MissingGroups = "error"
     normalize_labels: bool = False
+    strict: bool = False
     chunk_size: int = 65_536
     progress: bool = False
 
@@ -162,7 +163,7 @@ def audit_model_file(
     chunks = iter_labelled(
         path, schema=schema or loaded.schema, input_width=model_input_width(loaded.model), label=options.label,
         positive=options.positive, protected=options.protected, weight=options.weight,
-        missing_groups=options.missing_groups, normalize_labels=options.normalize_labels,
+        missing_groups=options.missing_groups, normalize_labels=options.normalize_labels, strict=options.strict,
         chunksize=options.chunk_size,
     )
     scored = ((d, predict_scores(loaded.model, d.x, positive_index=positive_index, batch_size=batch_size, device=device))

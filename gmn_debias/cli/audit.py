@@ -85,6 +85,7 @@ def audit(
     min_group_size: Annotated[Optional[int], typer.Option(help="Flag groups with fewer rows than this in the report.")] = None,
     missing_groups: Annotated[MissingChoice, typer.Option(help="Empty protected cells: error, drop (the rows) or group (a '<missing>' group).")] = MissingChoice.error,
     normalize_labels: Annotated[bool, typer.Option(help="Strip spaces and a trailing '.' from labels (Adult's test file: '>50K.').")] = False,
+    strict: Annotated[bool, typer.Option(help="Unseen category values are an error (default: zeros and a warning with the count).")] = False,
     positive_index: Annotated[Optional[int], typer.Option(help="Output column of the positive class for a model with several outputs.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Rows read at a time; results are identical for any value.")] = 65_536,
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8192,
@@ -127,7 +128,7 @@ def audit(
     options = AuditOptions(
         protected=list(protected or []), label=label, positive=positive, weight=weight, threshold=threshold,
         method=method.value, agg=agg.value, min_group_size=min_group_size,  # type: ignore[arg-type]
-        missing_groups=missing_groups.value, normalize_labels=normalize_labels,  # type: ignore[arg-type]
+        missing_groups=missing_groups.value, normalize_labels=normalize_labels, strict=strict,  # type: ignore[arg-type]
         chunk_size=chunk_size, progress=not quiet,
     )
     if scores is not None:
