@@ -218,3 +218,16 @@ def test_frozen_batchnorm_keeps_its_statistics_and_unfrozen_updates() -> None:
     assert not torch.equal(results[0].state["model"]["bn.running_mean"], before)
     set_train_mode(model, None, True, train_batchnorm=False)
     assert model.training and not model.bn.training
+
+
+def test_small_models_train_on_one_cpu_thread_and_threads_are_restored() -> None:
+    from gmn_debias.fit import cpu_threads, training_threads
+
+    small, big = nn.Linear(4, 1), nn.Linear(2000, 1000)
+    assert training_threads(None, small, torch.device("cpu")) == 1
+    assert training_threads(None, big, torch.device("cpu")) == torch.get_num_threads()
+    assert training_threads(3, small, torch.device("cpu")) == 3
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -91,6 +91,7 @@ def fit(
     batch_size: Annotated[int, typer.Option(help="Rows per training batch.", rich_help_panel="Search")] = 256,
     val_fraction: Annotated[float, typer.Option(help="Share of DATA held out for validation when --val is not given.", rich_help_panel="Search")] = 0.3,
     threshold: Annotated[float, typer.Option(help="Decision threshold on the positive-class probability.", rich_help_panel="Data")] = 0.5,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for fine-tuning (default: 1 for models under 1M parameters, else torch's default).", rich_help_panel="Search")] = None,
     max_selection_drop: Annotated[Optional[float], typer.Option(help="Refuse candidates whose validation selection rate fell by more than this share of the input model's (e.g. 0.1), so a gap is not closed by selecting fewer people (levelling down). Default: no limit.", rich_help_panel="Search")] = None,
     force: Annotated[bool, typer.Option(help="When no candidate keeps AP within budget, take the smallest gap anyway.", rich_help_panel="Search")] = False,
     train_batchnorm: Annotated[bool, typer.Option(help="Let the model's BatchNorm layers update their statistics (default: frozen).", rich_help_panel="Search")] = False,
@@ -117,7 +118,7 @@ def fit(
         model=model, data=data, protected=list(protected), label=label, positive=positive, eval=eval, val=val,
         out=out, target=target, max_ap_drop=max_ap_drop, seed=seed, device=device,
         layers=_split_list(layers) or ["auto"], epochs=epochs, batch_size=batch_size, val_fraction=val_fraction,
-        inference=inference, stats_only=stats_only, threshold=threshold, force=force, max_selection_drop=max_selection_drop, train_batchnorm=train_batchnorm,
+        inference=inference, stats_only=stats_only, threshold=threshold, threads=threads, force=force, max_selection_drop=max_selection_drop, train_batchnorm=train_batchnorm,
         arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, schema=schema,
         missing_groups=missing_groups, normalize_labels=normalize_labels, strict=strict,
     )
