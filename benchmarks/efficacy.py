@@ -41,6 +41,7 @@ from gmn_debias.fit import (
     settings_grid,
     subset,
     to_tensors,
+    training_threads,
 )
 from gmn_debias.predict import predict_scores
 from gmn_debias.select import search
@@ -210,6 +211,7 @@ def main() -> None:
     base_metrics = dict(evaluate(base, held, None)["metrics"])
     base_metrics["dp_at_input_rate"] = base_metrics["demographic_parity_difference"]
     rows: dict[str, list[dict]] = {"input model": [{"metrics": base_metrics, "chosen": ""}]}
+    torch.set_num_threads(training_threads(None, base, torch.device("cpu")))  # the threads fit uses
     for seed in seeds:
         train, val = split(full, seed)
         for label, (_, fn) in methods.items():
