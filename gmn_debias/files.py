@@ -39,11 +39,30 @@ def _umask() -> int:
     return mask
 
 
+def ensure_writable_dir(folder: str | os.PathLike[str]) -> None:
+    """Fail early, in one line, when ``folder`` cannot be created or written into.
+
+    Checked before any work starts, so a long run never ends in a traceback at write time.
+    """
+    folder = Path(folder)
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise UserError(f"cannot write into {folder}: {existing} is a file, not a folder")
+            if not os.access(existing, os.W_OK):
+                raise UserError(f"cannot write into {folder}: {existing} is not writable")
+            return
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only on success."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder {dest.parent}: {exc.strerror}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -60,3 +79,11 @@ def atomic_write_text(dest: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``dest`` atomically (UTF-8)."""
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_texts(outputs: dict[Path, str]) -> None:
+    """Write several text files; every destination is checked first, so a bad one writes none."""
+    for dest in outputs:
+        ensure_writable_dir(Path(dest).parent)
+    for dest, text in outputs.items():
+        atomic_write_text(dest, text)

@@ -29,7 +29,12 @@ from .checkpoint import (
 )
 from .data import LabelledData, load_labelled
 from .errors import UserError
-from .files import atomic_write_text, ensure_not_input, sha256_file
+from .files import (
+    atomic_write_texts,
+    ensure_not_input,
+    ensure_writable_dir,
+    sha256_file,
+)
 from .finetune import (
     TARGET_METRIC,
     EpochResult,
@@ -96,18 +101,44 @@ class FitConfig:
     missing_groups: str = "error"
     normalize_labels: bool = False
     strict: bool = False
+    config: Path | None = None
 
     def resolved(self) -> "FitConfig":
-        """A copy with the target's defaults filled in where an option was left unset."""
+        """A copy with the target's defaults filled in where an option was left unset; checked."""
         if self.target not in TARGET_METRIC:
             raise UserError(f"--target must be one of {', '.join(TARGET_METRIC)}, got {self.target!r}")
         defaults = TARGET_DEFAULTS[self.target]
         values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
-        return replace(self, **values)
+        cfg = replace(self, **values)
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        """One clear error for a value that cannot mean anything, before any work starts."""
+        problems = [
+            ("--alpha", self.alpha, lambda v: all(a > 0 for a in v), "numbers > 0"),
+            ("--lr", self.lr, lambda v: all(a >= 0 for a in v), "numbers >= 0"),
+            ("--gap-penalty", self.gap_penalty, lambda v: all(a >= 0 for a in v), "numbers >= 0"),
+            ("--epochs", self.epochs, lambda v: v >= 1, "at least 1"),
+            ("--batch-size", self.batch_size, lambda v: v >= 2, "at least 2"),
+            ("--max-ap-drop", self.max_ap_drop, lambda v: v >= 0, "a number >= 0"),
+            ("--val-fraction", self.val_fraction, lambda v: 0 < v < 1, "between 0 and 1"),
+            ("--max-selection-drop", self.max_selection_drop, lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
+            ("--threads", self.threads, lambda v: v is None or v >= 1, "at least 1"),
+            ("--inference", self.inference, lambda v: v in ("running", "identity"), "running or identity"),
+            ("--missing-groups", self.missing_groups, lambda v: v in ("error", "drop", "group"), "error, drop or group"),
+        ]
+        for flag, value, ok, expected in problems:
+            if not ok(value):
+                raise UserError(f"{flag} must be {expected}, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-able values (paths as text)."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        """Plain JSON/YAML-able values (paths as text); the config file itself is left out."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "config"}
+
+    def inputs(self) -> list[Path | None]:
+        """Every file this run reads: none of them may be overwritten."""
+        return [self.model, self.data, self.eval, self.val, self.schema, self.config]
 
 
 @dataclass
@@ -134,6 +165,8 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: only cpu and cuda are supported")
     return device
 
+
+REPORT_FILES = ("report.json", "report.md", "config.yaml")
 
 #: Below this many parameters a CPU fine-tune runs on one intra-op thread: its kernels are
 #: too small to split, and idle-spinning threads cost more than they give (the sample
@@ -232,15 +265,12 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     """Run ``fit``; raise :class:`UserError` for bad input, write outputs only at the end."""
     started = time.perf_counter()
     cfg = cfg.resolved()
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {cfg.epochs}")
     device = resolve_device(cfg.device)
     out_dir = cfg.out if cfg.out is not None else cfg.model.parent / f"{cfg.model.stem}-debiased"
     checkpoint_path = out_dir / f"{cfg.model.stem}.debiased.safetensors"
-    inputs = [cfg.model, cfg.data, cfg.eval, cfg.val, cfg.schema]
-    ensure_not_input(checkpoint_path, inputs)
+    for target in (checkpoint_path, *(out_dir / name for name in REPORT_FILES)):
+        ensure_not_input(target, cfg.inputs())
+    ensure_writable_dir(out_dir)
 
     loaded, schema, data, val_data, held_data = _load_inputs(cfg)
     parts = [d for d in (data, val_data, held_data) if d is not None]
@@ -271,9 +301,12 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
             positive_index=positive_index, threshold=cfg.threshold, on_epoch=on_epoch,
         )
     best = found.best
+    _warn_undefined(found.baseline, TARGET_METRIC[cfg.target], "validation rows")
     final, fold_check = build_final_model(base, settings, best, val.x, positive_index)
     before = evaluate(base, held, positive_index, cfg.threshold, protected=cfg.protected)
     after = evaluate(final, held, positive_index, cfg.threshold, protected=cfg.protected)
+    if held is not val:
+        _warn_undefined(before, TARGET_METRIC[cfg.target], f"rows of {cfg.eval}")
     rate = before["metrics"]["selection_rate"]
     matched = evaluate_at_rate(final, held, rate, positive_index, cfg.protected) if rate else None
     provenance = {
@@ -293,6 +326,13 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     )
     files = write_outputs(cfg, loaded, schema, final, out_dir, checkpoint_path, report, provenance, gmn_settings, val.x[:64])
     return FitOutcome(report, out_dir, checkpoint_path, files)
+
+
+def _warn_undefined(audit: dict[str, Any], key: str, where: str) -> None:
+    """An undefined targeted gap makes the run pointless; say so instead of 'undefined → undefined'."""
+    if audit["metrics"].get(key) is None:
+        reason = audit.get("undefined", {}).get(key, "see the report")
+        log.warning("%s is undefined on the %s (%s): nothing can be measured against it", key, where, reason)
 
 
 def build_final_model(
@@ -401,8 +441,8 @@ def write_outputs(
 
     import yaml
 
-    inputs = [cfg.model, cfg.data, cfg.eval, cfg.val, cfg.schema]
-    targets = [checkpoint, out_dir / "report.json", out_dir / "report.md", out_dir / "config.yaml"]
+    inputs = cfg.inputs()
+    targets = [checkpoint, *(out_dir / name for name in REPORT_FILES)]
     pt_path = checkpoint.with_suffix(".pt") if loaded.format in ("pt", "pickle") else None
     for path in targets + ([pt_path] if pt_path else []):
         ensure_not_input(path, inputs)
@@ -411,7 +451,9 @@ def write_outputs(
         save_model(model.cpu(), path, arch=loaded.arch, schema=schema, provenance=provenance,
                    gmn=gmn_settings, inputs=inputs, check_input=check_x.cpu())
         written.append(path)
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out_dir / "report.md", render_markdown(report))
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_texts({
+        out_dir / "report.json": json.dumps(report, indent=2, allow_nan=False) + "\n",
+        out_dir / "report.md": render_markdown(report),
+        out_dir / "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+    })
     return written + targets[1:]

@@ -10,7 +10,7 @@ import typer
 
 from ..audit import AuditOptions, audit_model_file, audit_scores_file
 from ..errors import UserError
-from ..files import atomic_write_text, ensure_not_input
+from ..files import atomic_write_texts, ensure_not_input, ensure_writable_dir
 from ..gates import build_gates, evaluate_gates, exit_code
 from ..report import (
     audit_document,
@@ -88,7 +88,7 @@ def audit(
     strict: Annotated[bool, typer.Option(help="Unseen category values are an error (default: zeros and a warning with the count).")] = False,
     positive_index: Annotated[Optional[int], typer.Option(help="Output column of the positive class for a model with several outputs.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Rows read at a time; results are identical for any value.")] = 65_536,
-    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8192,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 8192,
     max_dp: Annotated[Optional[float], _gate("Largest demographic_parity_difference allowed.")] = None,
     min_dp_ratio: Annotated[Optional[float], _gate("Smallest demographic_parity_ratio allowed.")] = None,
     max_eo: Annotated[Optional[float], _gate("Largest equal_opportunity_difference (TPR gap) allowed.")] = None,
@@ -123,6 +123,7 @@ def audit(
     inputs = [model, data, scores, config, schema]
     for out in outputs:
         ensure_not_input(out, inputs)
+        ensure_writable_dir(out.parent)
     if len({p.resolve() for p in outputs}) < len(outputs):
         raise UserError("--json, --markdown and --junit must name different files")
     options = AuditOptions(
@@ -151,12 +152,9 @@ def audit(
                                   batch_size=batch_size)
     results = evaluate_gates(result, gates, on_undefined.value)  # type: ignore[arg-type]
     document = audit_document(result, results, on_undefined.value)
-    if json_out is not None:
-        atomic_write_text(json_out, to_json(document))
-    if markdown_out is not None:
-        atomic_write_text(markdown_out, render_markdown(result, results))
-    if junit_out is not None:
-        atomic_write_text(junit_out, render_junit(result, results))
+    renderers = {json_out: lambda: to_json(document), markdown_out: lambda: render_markdown(result, results),
+                 junit_out: lambda: render_junit(result, results)}
+    atomic_write_texts({path: render() for path, render in renderers.items() if path is not None})
     typer.echo(render_table(result, results), nl=False)
     code = exit_code(results)
     if code:

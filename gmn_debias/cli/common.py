@@ -67,6 +67,8 @@ def load_config(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise typer.BadParameter(f"{path} is not a UTF-8 text file") from None
     except yaml.YAMLError as exc:
         raise typer.BadParameter(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):

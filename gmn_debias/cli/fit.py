@@ -82,13 +82,13 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed for the split, shuffling and mixing (CPU runs are repeatable).", rich_help_panel="Search")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.", rich_help_panel="Search")] = "auto",
     layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Layer name(s) to attach GroupMixNorm to (see `gmn-debias layers`); default: every foldable hidden layer.", rich_help_panel="Search")] = None,
-    alpha: Annotated[Optional[list[str]], typer.Option("--alpha", help="Beta(α, α) mixing parameter(s) to try, e.g. 0.5 or 0.1,0.5 [default: 0.5].", rich_help_panel="Search")] = None,
-    lr: Annotated[Optional[list[str]], typer.Option("--lr", help="Learning rate(s) to try [default: 1e-4].", rich_help_panel="Search")] = None,
-    gap_penalty: Annotated[Optional[list[str]], typer.Option("--gap-penalty", help="Weight(s) of a soft-score gap penalty on the shipped model (GapReg), tried as extra settings; 0 = GroupMixNorm alone [default: 0,20 for dp; 0 otherwise].", rich_help_panel="Search")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs per setting; the best epoch is chosen on validation [default: 8].", rich_help_panel="Search")] = None,
-    inference: Annotated[Optional[str], typer.Option(help="GroupMixNorm at inference: running (least-squares fit of the training map, folded) or identity [default: running].", rich_help_panel="Search")] = None,
+    alpha: Annotated[Optional[list[str]], typer.Option("--alpha", help="Beta(α, α) mixing parameter(s) to try, e.g. 0.5 or 0.1,0.5. Default: 0.5.", rich_help_panel="Search")] = None,
+    lr: Annotated[Optional[list[str]], typer.Option("--lr", help="Learning rate(s) to try. Default: 1e-4.", rich_help_panel="Search")] = None,
+    gap_penalty: Annotated[Optional[list[str]], typer.Option("--gap-penalty", help="Weight(s) of a soft-score gap penalty on the shipped model (GapReg), tried as extra settings; 0 = GroupMixNorm alone. Default: 0,20 for --target dp, 0 otherwise.", rich_help_panel="Search")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per setting; the best epoch is chosen on validation. Default: 8.", rich_help_panel="Search")] = None,
+    inference: Annotated[Optional[str], typer.Option(help="GroupMixNorm at inference: running (least-squares fit of the training map, folded) or identity. Default: running.", rich_help_panel="Search")] = None,
     stats_only: Annotated[bool, typer.Option(help="Also try a candidate that only updates GroupMixNorm's running statistics (learning rate 0).", rich_help_panel="Search")] = True,
-    batch_size: Annotated[int, typer.Option(help="Rows per training batch.", rich_help_panel="Search")] = 256,
+    batch_size: Annotated[int, typer.Option(min=2, help="Rows per training batch.", rich_help_panel="Search")] = 256,
     val_fraction: Annotated[float, typer.Option(help="Share of DATA held out for validation when --val is not given.", rich_help_panel="Search")] = 0.3,
     threshold: Annotated[float, typer.Option(help="Decision threshold on the positive-class probability.", rich_help_panel="Data")] = 0.5,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for fine-tuning (default: 1 for models under 1M parameters, else torch's default).", rich_help_panel="Search")] = None,
@@ -121,6 +121,7 @@ def fit(
         inference=inference, stats_only=stats_only, threshold=threshold, threads=threads, force=force, max_selection_drop=max_selection_drop, train_batchnorm=train_batchnorm,
         arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, schema=schema,
         missing_groups=missing_groups, normalize_labels=normalize_labels, strict=strict,
+        config=config,
     )
     cfg.alpha, cfg.lr = _floats(alpha, "--alpha"), _floats(lr, "--lr")
     cfg.gap_penalty = _floats(gap_penalty, "--gap-penalty")
@@ -137,5 +138,5 @@ def fit(
     caution = levelling_sentence(report)
     if caution:
         typer.echo(caution)
-    typer.echo(f"wrote {outcome.checkpoint}")
-    typer.echo(f"wrote {outcome.out_dir / 'report.md'} (and report.json, config.yaml)")
+    for path in outcome.files:
+        typer.echo(f"wrote {path}")
