@@ -132,13 +132,21 @@ def _offending_global(message: str) -> str:
     return match.group(1) if match else "a non-tensor object"
 
 
+def _load_failure(path: Path, exc: BaseException) -> UserError:
+    """A corrupt file's error, without torch's advice to turn the safe loader off."""
+    reason = _first_line(exc)
+    if "weights_only" in reason or "Weights only" in reason:
+        reason = "the file is damaged or is not a PyTorch checkpoint"
+    return UserError(f"{path}: not a readable PyTorch checkpoint ({reason})")
+
+
 def _torch_load(path: Path, trust: bool) -> Any:
     """``torch.load`` with ``weights_only=True``; real unpickling only when trusted."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc):
-            raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+            raise _load_failure(path, exc) from None
         culprit = _offending_global(str(exc))
         if not trust:
             raise UserError(
@@ -147,7 +155,7 @@ def _torch_load(path: Path, trust: bool) -> Any:
                 "or re-save it as a state_dict: torch.save(model.state_dict(), 'model.pt')"
             ) from None
     except Exception as exc:  # noqa: BLE001 - the safe loader fails in many ways on a corrupt file
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise _load_failure(path, exc) from None
     log.warning("unpickling %s because of --trust-checkpoint: this runs any code the file contains", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

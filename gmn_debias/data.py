@@ -122,7 +122,7 @@ def require_columns(path: str | os.PathLike[str], header: Sequence[str], wanted:
         if col not in header:
             same_case = [h for h in header if h.lower() == col.lower()]
             close = same_case or difflib.get_close_matches(col, list(header), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; it has: {', '.join(list(header)[:12])}"
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; it has: {', '.join(list(header)[:12])}{', …' if len(header) > 12 else ''}"
             raise UserError(f"{path}: no column {col!r}{hint}")
 
 

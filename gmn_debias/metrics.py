@@ -93,7 +93,7 @@ def infer_score_type(scores: np.ndarray) -> str:
 def _check_scores(scores: np.ndarray, score_type: str, inferred: bool) -> None:
     """Scores must fit the column's type; a contradiction is an error, never a silent switch."""
     how = "inferred from the first rows" if inferred else "for the whole column"
-    fix = "; pass --score-type (score_type=) to choose"
+    fix = "; choose with --score-type (score_type= in Python)"
     if score_type == "probability" and scores.size and (scores.min() < 0 or scores.max() > 1):
         bad = float(scores[(scores < 0) | (scores > 1)][0])
         raise UserError(f"scores are read as 'probability' ({how}) but one is {bad!r}, outside [0, 1]{fix}")
