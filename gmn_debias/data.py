@@ -393,12 +393,12 @@ def iter_labelled(
         kept += data.n_rows
         dropped += data.n_dropped
         yield data
+    if kept == 0:
+        raise UserError(f"{plan.path} has no usable data rows")
     labels.finish()
     warn_unseen(unseen_total, str(plan.path))
     if dropped:
         log.warning("%s: dropped %d row(s) with an empty protected cell", plan.path, dropped)
-    if kept == 0:
-        raise UserError(f"{plan.path} has no usable data rows")
 
 
 def load_labelled(
