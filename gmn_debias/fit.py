@@ -275,10 +275,17 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
     loaded, schema, data, val_data, held_data = _load_inputs(cfg)
     parts = [d for d in (data, val_data, held_data) if d is not None]
     group_names = sorted({str(g) for d in parts for g in d.groups})
-    if len(set(map(str, data.groups))) < 2:
+    names, counts = np.unique(np.asarray(data.groups, dtype=str), return_counts=True)
+    if len(names) < 2:
         raise UserError(
             f"{cfg.data}: the protected column(s) {', '.join(cfg.protected)} hold a single group "
-            f"({group_names[0]!r}); GroupMixNorm needs at least two groups to mix"
+            f"({names[0]!r}); GroupMixNorm needs at least two groups to mix"
+        )
+    if int((counts >= 4).sum()) < 2:
+        sizes = ", ".join(f"{str(n)!r}: {int(c)}" for n, c in zip(names, counts))
+        raise UserError(
+            f"{cfg.data}: GroupMixNorm needs at least two groups with 4 or more rows (to train and validate "
+            f"on both); the groups have {sizes}"
         )
     full = to_tensors(data, group_names)
     if val_data is None:

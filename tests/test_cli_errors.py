@@ -109,3 +109,25 @@ def test_fit_warns_when_the_targeted_gap_is_undefined(tmp_path: Path) -> None:
                                  "--out", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
     assert "equal_opportunity_difference is undefined" in result.stderr
+
+
+def test_fit_refuses_a_group_too_small_to_train_and_validate(tmp_path: Path) -> None:
+    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
+    tiny = pd.concat([frame[frame["sex"] == "Female"].iloc[:40], frame[frame["sex"] == "Male"].iloc[:1]])
+    path = tmp_path / "tiny.csv"
+    tiny.to_csv(path, index=False)
+    result = runner.invoke(app, ["fit", str(MODEL), str(path), "-p", "sex", "--out", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 2
+    assert "'Male': 1" in one_error_line(result.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["fit", str(MODEL), str(DATA), "-p", "sex", "--epochs", "1", "--out", str(out), "-q"]).exit_code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path.name

@@ -87,7 +87,7 @@ def audit(
     normalize_labels: Annotated[bool, typer.Option(help="Strip spaces and a trailing '.' from labels (Adult's test file: '>50K.').")] = False,
     strict: Annotated[bool, typer.Option(help="Unseen category values are an error (default: zeros and a warning with the count).")] = False,
     positive_index: Annotated[Optional[int], typer.Option(help="Output column of the positive class for a model with several outputs.")] = None,
-    chunk_size: Annotated[int, typer.Option(help="Rows read at a time; results are identical for any value.")] = 65_536,
+    chunk_size: Annotated[int, typer.Option(help="Rows read at a time (memory bound). With --scores results are identical for any value; with a model, float32 scores may differ in the last bits.")] = 65_536,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 8192,
     max_dp: Annotated[Optional[float], _gate("Largest demographic_parity_difference allowed.")] = None,
     min_dp_ratio: Annotated[Optional[float], _gate("Smallest demographic_parity_ratio allowed.")] = None,
