@@ -131,3 +131,15 @@ def test_outputs_get_the_usual_file_mode(tmp_path: Path) -> None:
     os.umask(mask)
     for path in out.iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path.name
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("gates: [max_dp]\n", "must be a mapping"), ("max_dp: 0.2\ngates: {max_dp: 0.1}\n", "both under 'gates:'")],
+)
+def test_config_gates_block_shape_errors(tmp_path: Path, text: str, needle: str) -> None:
+    cfg = tmp_path / "gates.yaml"
+    cfg.write_text(text)
+    result = runner.invoke(app, ["audit", str(MODEL), str(HOLDOUT), "-p", "sex", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert needle in result.output + result.stderr

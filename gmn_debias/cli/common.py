@@ -73,12 +73,16 @@ def load_config(path: Path) -> dict[str, Any]:
         raise typer.BadParameter(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise typer.BadParameter(f"{path} must hold a mapping of option names to values")
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "gates" and isinstance(value, dict):
-            flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
-        else:
-            flat[str(key).replace("-", "_")] = value
+    flat: dict[str, Any] = {str(k).replace("-", "_"): v for k, v in raw.items() if k != "gates"}
+    if "gates" in raw:
+        gates = raw["gates"]
+        if not isinstance(gates, dict):
+            raise typer.BadParameter(f"{path}: 'gates:' must be a mapping such as {{max_dp: 0.1}}")
+        for key, value in gates.items():
+            name = str(key).replace("-", "_")
+            if name in flat:
+                raise typer.BadParameter(f"{path}: {name} is given both under 'gates:' and at the top level")
+            flat[name] = value
     if isinstance(flat.get("arch_kwargs"), dict):
         flat["arch_kwargs"] = json.dumps(flat["arch_kwargs"])
     for key in ("protected", "layers"):
