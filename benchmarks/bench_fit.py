@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from gmn_debias.finetune import Setting, finetune  # noqa: E402
 from gmn_debias.fit import (  # noqa: E402
     FitConfig,
-    _load_inputs,
     default_layers,
+    load_inputs,
     subset,
     to_tensors,
     training_threads,
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = FitConfig(model=MODEL, data=DATA, protected=["sex"])
-    loaded, _, data, _, _ = _load_inputs(cfg)
+    loaded, _, data, _, _ = load_inputs(cfg)
     names = sorted(set(map(str, data.groups)))
     full = to_tensors(data, names)
     base = loaded.model.float().eval()

@@ -35,9 +35,9 @@ import torch
 from gmn_debias.finetune import Setting, Tensors, evaluate, evaluate_at_rate
 from gmn_debias.fit import (
     FitConfig,
-    _load_inputs,
     build_final_model,
     default_layers,
+    load_inputs,
     settings_grid,
     subset,
     to_tensors,
@@ -76,15 +76,17 @@ def shuffled_groups(data: Tensors, seed: int) -> Tensors:
 
 def run_method(
     base: torch.nn.Module, settings: list[Setting], train: Tensors, val: Tensors, held: Tensors,
-    *, target: str, seed: int, max_ap_drop: float,
+    *, target: str, seed: int, max_ap_drop: float, input_rate: float,
 ) -> dict[str, Any]:
-    """Search + select on validation (as ``fit``), then audit the chosen model on the holdout."""
+    """Search + select on validation (as ``fit``), then audit the chosen model on the holdout.
+
+    ``input_rate`` is the input model's holdout selection rate (for the levelling-down column).
+    """
     found = search(base, settings, train, val, target=target, max_ap_drop=max_ap_drop, seed=seed,
                    device=torch.device("cpu"))
     model, _ = build_final_model(base, settings, found.best, val.x, None)
     metrics = dict(evaluate(model, held, None)["metrics"])
-    rate = evaluate(base, held, None)["metrics"]["selection_rate"]
-    matched = evaluate_at_rate(model, held, rate, None)["metrics"]
+    matched = evaluate_at_rate(model, held, input_rate, None)["metrics"]
     metrics["dp_at_input_rate"] = matched["demographic_parity_difference"]
     chosen = None if found.best is None else f"{settings[found.best[0]].describe()} @ epoch {found.best[1].epoch}"
     return {"metrics": metrics, "chosen": chosen, "status": found.selector.status}
@@ -180,7 +182,7 @@ def main() -> None:
 
     cfg = FitConfig(model=SAMPLES / "adult_mlp.safetensors", data=SAMPLES / "adult_finetune.csv",
                     protected=["sex"], eval=SAMPLES / "adult_holdout.csv")
-    loaded, _, data, _, held_data = _load_inputs(cfg)
+    loaded, _, data, _, held_data = load_inputs(cfg)
     names = sorted(set(map(str, data.groups)))
     full, held = to_tensors(data, names), to_tensors(held_data, names)
     base = loaded.model.float().eval()
@@ -191,10 +193,14 @@ def main() -> None:
     no_gmn = {t: [replace(s, layers=()) for s in defaults[t] if s.lr > 0] for t in defaults}
     plain = {t: list(dict.fromkeys(replace(s, gap_penalty=0.0) for s in no_gmn[t])) for t in defaults}
 
+    base_metrics = dict(evaluate(base, held, None)["metrics"])
+    input_rate = base_metrics["selection_rate"]
+
     def method(settings: list[Setting], target: str, shuffle: bool = False) -> Callable[[Tensors, Tensors, int], dict]:
         def run(train: Tensors, val: Tensors, seed: int) -> dict:
             train = shuffled_groups(train, seed) if shuffle else train
-            return run_method(base, settings, train, val, held, target=target, seed=seed, max_ap_drop=args.max_ap_drop)
+            return run_method(base, settings, train, val, held, target=target, seed=seed,
+                              max_ap_drop=args.max_ap_drop, input_rate=input_rate)
         return run
 
     methods: dict[str, tuple[str, Callable[[Tensors, Tensors, int], dict]]] = {}
@@ -208,7 +214,6 @@ def main() -> None:
         for label, (t, settings) in grid(layers_all, args.quick).items():
             methods[label] = (t, method(settings, t))
 
-    base_metrics = dict(evaluate(base, held, None)["metrics"])
     base_metrics["dp_at_input_rate"] = base_metrics["demographic_parity_difference"]
     rows: dict[str, list[dict]] = {"input model": [{"metrics": base_metrics, "chosen": ""}]}
     torch.set_num_threads(training_threads(None, base, torch.device("cpu")))  # the threads fit uses

@@ -201,19 +201,6 @@ def snapshot(model: nn.Module, handle: GMNHandle | None) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def deployed(handle: GMNHandle | None) -> Iterator[None]:
-    """Run the hooked layers as they will ship (eval map) while the rest keeps training."""
-    modules = [] if handle is None else [m for m in handle._modules if m.training]
-    for module in modules:
-        module.train(False)
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.train(True)
-
-
 def attach_setting(model: nn.Module, setting: Setting) -> GMNHandle | None:
     """Hook GroupMixNorm as ``setting`` says; no layers means plain fine-tuning (the control)."""
     if not setting.layers:
@@ -277,7 +264,7 @@ def finetune(
                         # the mixed training path, whose group gap the mixing already hides.
                         shipped = logit
                         if handle is not None:
-                            with deployed(handle):
+                            with handle.deployed():
                                 shipped = binary_logit(model(xb).float(), positive_index)
                         loss = loss + setting.gap_penalty * soft_gap_penalty(shipped, gb, labels)
                 if optimizer is not None:

@@ -237,7 +237,7 @@ def settings_grid(cfg: FitConfig, layers: list[str]) -> list[Setting]:
     return grid
 
 
-def _load_inputs(
+def load_inputs(
     cfg: FitConfig,
 ) -> tuple[LoadedModel, FeatureSchema | None, LabelledData, LabelledData | None, LabelledData | None]:
     loaded = load_model(
@@ -272,7 +272,7 @@ def run_fit(cfg: FitConfig, on_epoch: Callable[[Setting, EpochResult], None] | N
         ensure_not_input(target, cfg.inputs())
     ensure_writable_dir(out_dir)
 
-    loaded, schema, data, val_data, held_data = _load_inputs(cfg)
+    loaded, schema, data, val_data, held_data = load_inputs(cfg)
     parts = [d for d in (data, val_data, held_data) if d is not None]
     group_names = sorted({str(g) for d in parts for g in d.groups})
     names, counts = np.unique(np.asarray(data.groups, dtype=str), return_counts=True)

@@ -142,6 +142,18 @@ class GMNHandle:
         finally:
             self._groups, self._labels, self._active = None, None, False
 
+    @contextlib.contextmanager
+    def deployed(self) -> Iterator[None]:
+        """Run the hooks as they will ship (eval map) while the rest of the model keeps training."""
+        modules = [m for m in self._modules if m.training]
+        for module in modules:
+            module.train(False)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.train(True)
+
     def _make_hook(self, name: str):  # noqa: ANN202 - a torch hook signature
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
             if not isinstance(output, Tensor):

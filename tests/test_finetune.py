@@ -14,7 +14,6 @@ from gmn_debias.finetune import (
     Setting,
     attach_setting,
     binary_logit,
-    deployed,
     soft_gap_penalty,
 )
 
@@ -73,7 +72,7 @@ def test_deployed_runs_the_eval_map_while_training() -> None:
     x[groups == 1] += 2.0
     with handle.batch(groups):
         model(x)  # tracks running statistics
-    with deployed(handle):
+    with handle.deployed():
         shipped = model(x)
     assert model.fc.training  # restored
     model.eval()
